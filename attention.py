@@ -1,0 +1,202 @@
+"""RoPE, the per-layer KV cache, Multi-Head Latent Attention, and the MHA/GQA baselines.
+
+Shape letters: B batch, T new tokens, S cached + new tokens (keys), H query heads, G key/value heads,
+r kv_lora_rank, dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, D model width.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_config import ModelConfig
+
+
+# ---- rotary position embedding ------------------------------------------------------------------
+
+def rope_tables(rope_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles, each (max_len, rope_dim / 2), in float32."""
+    inv_freq = theta ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., T, dr) by the angles of its T positions, cos/sin (T, dr/2).
+
+    Pairs are (i, i + dr/2): the "half-split" layout of GPT-NeoX and Llama, not interleaved pairs."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated.type_as(x)
+
+
+# ---- cache --------------------------------------------------------------------------------------
+
+class LayerCache:
+    """One layer's preallocated decode cache. Every tensor has its sequence axis at dim -2.
+
+    MLA keeps a single (B, capacity, r + dr) tensor: [c_KV | k_rope] per token.
+    MHA/GQA keep K and V, each (B, G, capacity, head_dim)."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device):
+        self.tensors = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.tensors[0].size(-2)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def append(self, *new: torch.Tensor) -> list[torch.Tensor]:
+        """Write T new positions into each tensor; return views of everything cached so far (..., S, :)."""
+        end = self.length + new[0].size(-2)
+        if end > self.capacity:
+            raise ValueError(f"cache holds {self.capacity} positions, asked for {end}")
+        for buffer, values in zip(self.tensors, new):
+            buffer[..., self.length:end, :] = values
+        self.length = end
+        return [buffer[..., :end, :] for buffer in self.tensors]
+
+
+# ---- the attention kernel both kinds share ------------------------------------------------------
+
+def causal_attention(q, k, v, scale: float, dropout_p: float = 0.0, enable_gqa: bool = False) -> torch.Tensor:
+    """Softmax attention of T queries at the last T of S positions over those S keys, causally.
+
+    q (B, H, T, E), k (B, G, S, E), v (B, G, S, Ev) -> (B, H, T, Ev); G divides H when enable_gqa."""
+    T, S = q.size(-2), k.size(-2)
+    if T == S:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale,
+                                              enable_gqa=enable_gqa)
+    mask = None
+    if T > 1:  # query i sits at position S - T + i and sees keys 0..S - T + i
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                          enable_gqa=enable_gqa)
+
+
+# ---- Multi-Head Latent Attention ----------------------------------------------------------------
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2's MLA (arXiv 2405.04434, section 2.1), with DeepSeek's projection names.
+
+    Training and prefill decompress c_KV into per-head keys and values. Decoding caches only the normalised
+    c_KV and the rotated, head-shared k_rope, and attends over them by weight absorption."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_head, self.r, self.dr = c.n_head, c.kv_lora_rank, c.qk_rope_head_dim
+        self.dn, self.dv = c.qk_nope_head_dim, c.v_head_dim
+        self.scale = 1.0 / math.sqrt(self.dn + self.dr)
+        self.dropout = c.dropout
+        self.absorb = True  # decode over the latent cache; False decompresses it every step (for benchmarks)
+        q_out = c.n_head * (self.dn + self.dr)
+        if c.q_lora_rank:
+            self.q_a_proj = nn.Linear(c.d_model, c.q_lora_rank, bias=False)  # W_DQ
+            self.q_a_layernorm = nn.RMSNorm(c.q_lora_rank, eps=c.norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)  # W_UQ (and W_QR)
+        else:
+            self.q_proj = nn.Linear(c.d_model, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.d_model, self.r + self.dr, bias=False)  # W_DKV and W_KR
+        self.kv_a_layernorm = nn.RMSNorm(self.r, eps=c.norm_eps)
+        self.kv_b_proj = nn.Linear(self.r, c.n_head * (self.dn + self.dv), bias=False)  # W_UK and W_UV
+        self.o_proj = nn.Linear(c.n_head * self.dv, c.d_model, bias=False)  # W_O
+
+    def cache_shapes(self, batch_size: int, capacity: int) -> list[tuple[int, ...]]:
+        return [(batch_size, capacity, self.r + self.dr)]
+
+    def forward(self, x, cos, sin, cache: LayerCache | None = None) -> torch.Tensor:
+        """x (B, T, D), cos/sin (T, dr/2) for the T new positions -> (B, T, D).
+
+        Without a cache, or into an empty one (prefill), attention runs on decompressed keys and values;
+        into a filled cache it runs on the latent cache, absorbed (or decompressed when self.absorb is False)."""
+        B, T, _ = x.shape
+        q_nope, q_rope = self.queries(x, cos, sin)
+        c_kv, k_rope = self.latent_kv(x, cos, sin)
+        if cache is not None:
+            prefill = cache.length == 0
+            (latent,) = cache.append(torch.cat((c_kv, k_rope), dim=-1))
+            if not prefill:
+                c_kv, k_rope = latent.split([self.r, self.dr], dim=-1)
+                attend = self.attend_absorbed if self.absorb else self.attend_materialised
+                return self.o_proj(attend(q_nope, q_rope, c_kv, k_rope).transpose(1, 2).reshape(B, T, -1))
+        y = self.attend_materialised(q_nope, q_rope, c_kv, k_rope)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def queries(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q_nope (B, H, T, dn) and rotated q_rope (B, H, T, dr)."""
+        B, T, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q_nope, q_rope = q.view(B, T, self.n_head, self.dn + self.dr).transpose(1, 2).split([self.dn, self.dr], -1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def latent_kv(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> normalised c_KV (B, T, r) and rotated k_rope (B, T, dr), one key for all heads.
+
+        RMSNorm applies to c_KV only, never to k_rope."""
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.r, self.dr], dim=-1)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_rope, cos, sin)
+
+    def attend_materialised(self, q_nope, q_rope, c_kv, k_rope) -> torch.Tensor:
+        """Decompress c_KV into per-head keys and values, then attend.
+
+        q_nope (B, H, T, dn), q_rope (B, H, T, dr), c_kv (B, S, r), k_rope (B, S, dr) -> (B, H, T, dv)."""
+        B, S, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_head, self.dn + self.dv).transpose(1, 2)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # (B, H, S, dn), (B, H, S, dv)
+        k = torch.cat((k_nope, k_rope.unsqueeze(1).expand(B, self.n_head, S, self.dr)), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        dropout_p = self.dropout if self.training else 0.0
+        return causal_attention(q, k, v, self.scale, dropout_p)
+
+    def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope) -> torch.Tensor:
+        """Attend over the latent cache without decompressing it: W_UK is absorbed into the query and W_UV
+        applied after the probabilities are reduced against c_KV. This is multi-query attention with one
+        latent key [c_KV | k_rope] of width r + dr and one latent value c_KV of width r.
+
+        q_nope (B, H, T, dn), q_rope (B, H, T, dr), c_kv (B, S, r), k_rope (B, S, dr) -> (B, H, T, dv)."""
+        w_uk, w_uv = self.kv_b_proj.weight.view(self.n_head, self.dn + self.dv, self.r).split([self.dn, self.dv], 1)
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + dr)
+        k = torch.cat((c_kv, k_rope), dim=-1).unsqueeze(1)  # (B, 1, S, r + dr)
+        o_latent = causal_attention(q, k, c_kv.unsqueeze(1), self.scale, enable_gqa=True)  # (B, H, T, r)
+        return torch.einsum("bhtr,hvr->bhtv", o_latent, w_uv)
+
+
+# ---- baselines ----------------------------------------------------------------------------------
+
+class GroupedQueryAttention(nn.Module):
+    """Multi-head attention with G key/value heads shared by groups of query heads: G = H is standard MHA,
+    G < H is GQA. RoPE rotates the whole head; decoding caches K and V for every key/value head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = config.n_head, config.kv_heads, config.head_dim
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.d_model, self.n_head * self.hd, bias=False)
+        self.k_proj = nn.Linear(config.d_model, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(config.d_model, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.hd, config.d_model, bias=False)
+
+    def cache_shapes(self, batch_size: int, capacity: int) -> list[tuple[int, ...]]:
+        return [(batch_size, self.n_kv, capacity, self.hd)] * 2
+
+    def forward(self, x, cos, sin, cache: LayerCache | None = None) -> torch.Tensor:
+        """x (B, T, D), cos/sin (T, hd/2) -> (B, T, D); q (B, H, T, hd) attends over k, v (B, G, S, hd)."""
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        y = causal_attention(q, k, v, 1.0 / math.sqrt(self.hd), dropout_p, enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def build_attention(config: ModelConfig) -> nn.Module:
+    return MultiHeadLatentAttention(config) if config.attention == "mla" else GroupedQueryAttention(config)

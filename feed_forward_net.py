@@ -1,0 +1,18 @@
+"""The SwiGLU feed-forward network (Shazeer, arXiv 2002.05202), without biases."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_config import ModelConfig
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D)."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

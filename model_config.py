@@ -1,0 +1,141 @@
+"""The model's architecture in one dataclass, its named presets, and the numbers derived from it."""
+from dataclasses import asdict, dataclass, fields, replace
+
+ATTENTION_KINDS = ("mla", "mha", "gqa")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50304  # GPT-2's 50257, padded up to a multiple of 64
+    block_size: int = 256  # longest sequence the model takes (prompt + generated tokens)
+    n_layer: int = 6
+    d_model: int = 384
+    n_head: int = 6
+    attention: str = "mla"  # "mla" | "mha" | "gqa"
+    n_kv_head: int = 2  # key/value heads of "gqa"; "mha" uses n_head, "mla" ignores it
+    # Multi-Head Latent Attention (DeepSeek-V2, arXiv 2405.04434, section 2.1)
+    q_lora_rank: int = 192  # 0: no query compression (as in DeepSeek-V2-Lite)
+    kv_lora_rank: int = 96
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+    rope_theta: float = 10000.0
+    ffn_hidden: int = 1024  # SwiGLU hidden width
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        positive = ("vocab_size", "block_size", "n_layer", "d_model", "n_head", "n_kv_head", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "ffn_hidden")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.q_lora_rank < 0:
+            raise ValueError(f"q_lora_rank must be >= 0 (0 means no query compression), got {self.q_lora_rank}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.attention != "mla":
+            if self.d_model % self.n_head:
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}) for {self.attention}")
+            if self.head_dim % 2:
+                raise ValueError(f"d_model / n_head ({self.head_dim}) must be even for RoPE in {self.attention}")
+        if self.attention == "gqa" and self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("norm_eps and rope_theta must be positive")
+
+    # ---- presets and serialisation -------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named preset, with any field overridden, e.g. from_preset("tiny", attention="mha")."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        return cls(**d)
+
+    # ---- derived numbers ------------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head dimension of the MHA/GQA baselines."""
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of the MHA/GQA baselines."""
+        return self.n_head if self.attention == "mha" else self.n_kv_head
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key dimension: nope + rope for MLA, head_dim for the baselines."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """How many dimensions of each query/key RoPE rotates."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    def kv_cache_values_per_token_per_layer(self) -> int:
+        """MLA caches c_KV and the shared k_rope; the baselines cache K and V for every key/value head."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.kv_heads * self.head_dim
+
+    def attention_params(self) -> int:
+        d, h = self.d_model, self.n_head
+        if self.attention != "mla":
+            return d * h * self.head_dim + 2 * d * self.kv_heads * self.head_dim + h * self.head_dim * d
+        q_out = h * self.qk_head_dim
+        q = d * q_out if self.q_lora_rank == 0 else d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * q_out
+        kv = d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+        kv += self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + h * self.v_head_dim * d
+
+    def non_embedding_params(self) -> int:
+        """Parameters outside the token embedding and LM head: blocks plus the final norm."""
+        per_block = self.attention_params() + 3 * self.d_model * self.ffn_hidden + 2 * self.d_model
+        return self.n_layer * per_block + self.d_model
+
+    def num_params(self) -> int:
+        embeddings = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        return self.non_embedding_params() + embeddings
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM paper's appendix B:
+        6 per matmul weight (the LM head included) plus the attention scores and weighted sum over seq_len keys."""
+        t = seq_len or self.block_size
+        matmul_weights = self.non_embedding_params() + self.vocab_size * self.d_model
+        v_dim = self.v_head_dim if self.attention == "mla" else self.head_dim
+        attention = 6 * self.n_layer * self.n_head * t * (self.qk_head_dim + v_dim)
+        return 6 * matmul_weights + attention
+
+
+PRESETS = {
+    # For unit tests: a couple of seconds of CPU per training run.
+    "tiny": ModelConfig(block_size=64, n_layer=2, d_model=64, n_head=4, n_kv_head=2, q_lora_rank=32,
+                        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, ffn_hidden=128),
+    # Learns Tiny Shakespeare on a 2-core CPU in about 15 minutes.
+    "shakespeare": ModelConfig(block_size=128, n_layer=4, d_model=256, n_head=4, n_kv_head=2, q_lora_rank=128,
+                               kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                               ffn_hidden=704, dropout=0.1),
+    # The 124M-class MLA of published small-scale comparisons (GPT-2 small's depth and width).
+    "gpt2-small": ModelConfig(block_size=1024, n_layer=12, d_model=768, n_head=12, n_kv_head=4, q_lora_rank=512,
+                              kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                              ffn_hidden=2048),
+}
