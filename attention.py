@@ -63,19 +63,26 @@ class LayerCache:
 
 # ---- the attention kernel both kinds share ------------------------------------------------------
 
-def causal_attention(q, k, v, scale: float, dropout_p: float = 0.0, enable_gqa: bool = False) -> torch.Tensor:
+def causal_attention(q, k, v, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """Softmax attention of T queries at the last T of S positions over those S keys, causally.
 
-    q (B, H, T, E), k (B, G, S, E), v (B, G, S, Ev) -> (B, H, T, Ev); G divides H when enable_gqa."""
-    T, S = q.size(-2), k.size(-2)
-    if T == S:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale,
-                                              enable_gqa=enable_gqa)
+    q (B, H, T, E), k (B, G, S, E), v (B, G, S, Ev), where G key/value heads each serve H / G query heads
+    -> (B, H, T, Ev)."""
+    B, H, T, E = q.shape
+    G, S = k.size(1), k.size(-2)
+    group = H // G
+    if T == S:  # training or prefill: the whole causal square, on SDPA's fused kernels
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    # Decoding: fold the query heads of each key/value head into the query axis, so the cache is read
+    # once per key/value head and never copied per query head.
+    q = q.reshape(B, G, group * T, E)
     mask = None
-    if T > 1:  # query i sits at position S - T + i and sees keys 0..S - T + i
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
-                                          enable_gqa=enable_gqa)
+    if T > 1:  # query t sits at position S - T + t and sees keys 0 .. S - T + t
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T).repeat(group, 1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return y.view(B, H, T, -1)
 
 
 # ---- Multi-Head Latent Attention ----------------------------------------------------------------
@@ -117,14 +124,16 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, _ = x.shape
         q_nope, q_rope = self.queries(x, cos, sin)
         c_kv, k_rope = self.latent_kv(x, cos, sin)
-        if cache is not None:
-            prefill = cache.length == 0
-            (latent,) = cache.append(torch.cat((c_kv, k_rope), dim=-1))
-            if not prefill:
-                c_kv, k_rope = latent.split([self.r, self.dr], dim=-1)
-                attend = self.attend_absorbed if self.absorb else self.attend_materialised
-                return self.o_proj(attend(q_nope, q_rope, c_kv, k_rope).transpose(1, 2).reshape(B, T, -1))
-        y = self.attend_materialised(q_nope, q_rope, c_kv, k_rope)
+        if cache is None or cache.length == 0:  # training or prefill: decompress the new tokens' c_KV
+            if cache is not None:
+                cache.append(torch.cat((c_kv, k_rope), dim=-1))
+            y = self.attend_materialised(q_nope, q_rope, c_kv, k_rope)
+        else:
+            (latent,) = cache.append(torch.cat((c_kv, k_rope), dim=-1))  # (B, S, r + dr)
+            if self.absorb:
+                y = self.attend_absorbed(q_nope, q_rope, latent)
+            else:
+                y = self.attend_materialised(q_nope, q_rope, *latent.split([self.r, self.dr], dim=-1))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def queries(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,17 +162,17 @@ class MultiHeadLatentAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         return causal_attention(q, k, v, self.scale, dropout_p)
 
-    def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope) -> torch.Tensor:
-        """Attend over the latent cache without decompressing it: W_UK is absorbed into the query and W_UV
+    def attend_absorbed(self, q_nope, q_rope, latent) -> torch.Tensor:
+        """Attend over the latent cache without decompressing it: W_UK is absorbed into the query, and W_UV is
         applied after the probabilities are reduced against c_KV. This is multi-query attention with one
         latent key [c_KV | k_rope] of width r + dr and one latent value c_KV of width r.
 
-        q_nope (B, H, T, dn), q_rope (B, H, T, dr), c_kv (B, S, r), k_rope (B, S, dr) -> (B, H, T, dv)."""
+        q_nope (B, H, T, dn), q_rope (B, H, T, dr), latent = [c_KV | k_rope] (B, S, r + dr) -> (B, H, T, dv)."""
         w_uk, w_uv = self.kv_b_proj.weight.view(self.n_head, self.dn + self.dv, self.r).split([self.dn, self.dv], 1)
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
         q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + dr)
-        k = torch.cat((c_kv, k_rope), dim=-1).unsqueeze(1)  # (B, 1, S, r + dr)
-        o_latent = causal_attention(q, k, c_kv.unsqueeze(1), self.scale, enable_gqa=True)  # (B, H, T, r)
+        key = latent.unsqueeze(1)  # (B, 1, S, r + dr)
+        o_latent = causal_attention(q, key, key[..., :self.r], self.scale)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bhtv", o_latent, w_uv)
 
 
@@ -194,7 +203,7 @@ class GroupedQueryAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         dropout_p = self.dropout if self.training else 0.0
-        y = causal_attention(q, k, v, 1.0 / math.sqrt(self.hd), dropout_p, enable_gqa=self.n_kv != self.n_head)
+        y = causal_attention(q, k, v, 1.0 / math.sqrt(self.hd), dropout_p)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

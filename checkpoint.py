@@ -1,0 +1,58 @@
+"""Checkpoint files: written atomically, read back with one-line errors, turned back into a model.
+
+A checkpoint is a dict holding at least "format_version", "model" (a state dict) and "model_config" (a dict).
+train.py adds the optimiser, step and RNG states it needs to resume. Everything in it is a tensor, a number,
+a string, or a list/dict/tuple of those, so it loads with torch.load(weights_only=True)."""
+import os
+from pathlib import Path
+
+import torch
+
+from cli import CLIError
+from model import Transformer
+from model_config import ModelConfig
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Write state plus the format version to path atomically: a temp file beside it, flushed, then renamed,
+    so a crash mid-write leaves any previous file at path intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({**state, "format_version": FORMAT_VERSION}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint onto the CPU. A missing, truncated, corrupt or foreign file, or an unknown format
+    version, raises CLIError with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch reports truncation and corruption through many exception types
+        raise CLIError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "format_version"} <= ckpt.keys():
+        raise CLIError(f"{path} is not a checkpoint of this project (needs model, model_config, format_version)")
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise CLIError(f"checkpoint {path} has format version {ckpt['format_version']!r}; "
+                       f"this code reads version {FORMAT_VERSION}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> Transformer:
+    """The Transformer a loaded checkpoint describes, with its weights, on the CPU in float32."""
+    try:
+        model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise CLIError(f"checkpoint does not describe a valid model: {str(err).splitlines()[0]}") from None
+    return model
