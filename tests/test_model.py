@@ -1,0 +1,262 @@
+"""The model core, against slow references written from the paper's equations, in float32 on the CPU."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from attention import LayerCache, MultiHeadLatentAttention, apply_rope, rope_tables
+from model import Transformer, cache_nbytes
+from model_config import ModelConfig
+
+VOCAB = 101
+KINDS = [dict(attention="mla"), dict(attention="mla", q_lora_rank=0), dict(attention="mha"), dict(attention="gqa")]
+KIND_IDS = ["mla", "mla-no-q-lora", "mha", "gqa"]
+
+
+def tiny_model(seed=0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB, **overrides)).eval()
+
+
+def random_tokens(batch, length, seed=1):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def rms_norm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotate(x, pos, theta):
+    """RoPE on one vector x (d,) at integer position pos, pairs (i, i + d/2), computed from scratch."""
+    half = x.numel() // 2
+    angles = pos * theta ** (-torch.arange(half, dtype=torch.float64) * 2 / x.numel())
+    c, s = angles.cos().float(), angles.sin().float()
+    return torch.cat((x[:half] * c - x[half:] * s, x[half:] * c + x[:half] * s))
+
+
+def reference_mla(attn: MultiHeadLatentAttention, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """DeepSeek-V2 section 2.1, equations (9)-(19), one head and one position at a time. h (T, D) -> (T, D)."""
+    T = h.size(0)
+    H, dn, dr, dv, r = config.n_head, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, config.kv_lora_rank
+    if config.q_lora_rank:
+        c_q = rms_norm(h @ attn.q_a_proj.weight.T, attn.q_a_layernorm.weight, config.norm_eps)
+        q = c_q @ attn.q_b_proj.weight.T
+    else:
+        q = h @ attn.q_proj.weight.T
+    q = q.view(T, H, dn + dr)
+    kv_a = h @ attn.kv_a_proj_with_mqa.weight.T
+    c_kv = rms_norm(kv_a[:, :r], attn.kv_a_layernorm.weight, config.norm_eps)  # the norm sees c_KV only
+    k_rope = torch.stack([rotate(kv_a[t, r:], t, config.rope_theta) for t in range(T)])  # one key for all heads
+    kv = (c_kv @ attn.kv_b_proj.weight.T).view(T, H, dn + dv)
+    out = torch.zeros(T, H, dv)
+    for head in range(H):
+        for t in range(T):
+            q_t = torch.cat((q[t, head, :dn], rotate(q[t, head, dn:], t, config.rope_theta)))
+            keys = torch.cat((kv[: t + 1, head, :dn], k_rope[: t + 1]), dim=-1)
+            weights = torch.softmax(keys @ q_t / math.sqrt(dn + dr), dim=0)
+            out[t, head] = weights @ kv[: t + 1, head, dn:]
+    return out.reshape(T, H * dv) @ attn.o_proj.weight.T
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, 0])
+def test_mla_matches_the_paper_equations(q_lora_rank):
+    config = ModelConfig.from_preset("tiny", vocab_size=VOCAB, q_lora_rank=q_lora_rank)
+    torch.manual_seed(0)
+    attn = MultiHeadLatentAttention(config)
+    for p in attn.parameters():  # norms away from 1, so a norm on the wrong tensor shows
+        torch.nn.init.normal_(p, std=0.3)
+    h = torch.randn(1, 12, config.d_model)
+    cos, sin = rope_tables(config.qk_rope_head_dim, 12, config.rope_theta)
+    torch.testing.assert_close(attn(h, cos, sin)[0], reference_mla(attn, h[0], config), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_causality(kind):
+    model = tiny_model(**kind)
+    idx = random_tokens(2, 24)
+    t, k = 9, 5
+    changed = idx.clone()
+    changed[:, t + k] = (changed[:, t + k] + 1) % VOCAB
+    before, after = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, : t + k], after[:, : t + k], atol=0, rtol=0)
+    assert not torch.allclose(before[:, t + k:], after[:, t + k:])
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_cached_decode_equals_full_forward(kind, chunk):
+    model = tiny_model(**kind)
+    idx = random_tokens(3, 40)
+    full = model(idx)[0]
+    cache = model.make_cache(3, 40)
+    prefill = 10
+    logits = [model(idx[:, :prefill], cache=cache)[0]]
+    for start in range(prefill, 40, chunk):
+        logits.append(model(idx[:, start:start + chunk], cache=cache)[0])
+    last_positions = [prefill - 1] + [min(start + chunk, 40) - 1 for start in range(prefill, 40, chunk)]
+    torch.testing.assert_close(torch.cat(logits, dim=1), full[:, last_positions], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_greedy_generate_equals_full_recompute(kind):
+    model = tiny_model(**kind)
+    prompt = random_tokens(2, 7)
+    generated = model.generate(prompt, max_new_tokens=20, temperature=0)
+    seq = prompt
+    for _ in range(20):
+        seq = torch.cat((seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(generated, seq)
+
+
+@pytest.mark.parametrize("queries", [1, 4])
+def test_absorbed_equals_materialised(queries):
+    config = ModelConfig.from_preset("tiny", vocab_size=VOCAB)
+    torch.manual_seed(0)
+    attn = MultiHeadLatentAttention(config)
+    B, H, S = 2, config.n_head, 17
+    q_nope = torch.randn(B, H, queries, config.qk_nope_head_dim)
+    q_rope = torch.randn(B, H, queries, config.qk_rope_head_dim)
+    c_kv, k_rope = torch.randn(B, S, config.kv_lora_rank), torch.randn(B, S, config.qk_rope_head_dim)
+    absorbed = attn.attend_absorbed(q_nope, q_rope, torch.cat((c_kv, k_rope), dim=-1))
+    materialised = attn.attend_materialised(q_nope, q_rope, c_kv, k_rope)
+    assert absorbed.shape == (B, H, queries, config.v_head_dim)
+    torch.testing.assert_close(absorbed, materialised, atol=1e-5, rtol=1e-5)
+
+
+def test_absorbed_decode_equals_decompressed_decode_through_the_model():
+    model = tiny_model()
+    prompt = random_tokens(2, 5)
+    absorbed = model.generate(prompt, max_new_tokens=30, temperature=0)
+    for layer in model.layers:
+        layer.self_attn.absorb = False
+    assert torch.equal(model.generate(prompt, max_new_tokens=30, temperature=0), absorbed)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_cache_holds_exactly_the_configured_values_per_token(kind):
+    model = tiny_model(**kind)
+    cache = model.make_cache(batch_size=3, capacity=20)
+    model(random_tokens(3, 20), cache=cache)
+    values_per_token = sum(t.numel() for layer in cache for t in layer.tensors) / (3 * 20)
+    config = model.config
+    assert values_per_token == config.kv_cache_values_per_token_per_layer() * config.n_layer
+    assert cache_nbytes(cache) == values_per_token * 3 * 20 * 4
+    if config.attention == "mla":
+        assert values_per_token == (config.kv_lora_rank + config.qk_rope_head_dim) * config.n_layer
+
+
+def test_gpt2_small_cache_is_288_against_mha_1536_per_layer():
+    measured = {}
+    for kind in ("mla", "mha"):
+        config = ModelConfig.from_preset("gpt2-small", attention=kind)
+        block = Transformer(config.__class__.from_dict({**config.to_dict(), "n_layer": 1, "vocab_size": 64}))
+        cache = LayerCache(block.layers[0].self_attn.cache_shapes(1, 8), torch.float32, "cpu")
+        measured[kind] = sum(t.numel() for t in cache.tensors) // 8
+        assert measured[kind] == config.kv_cache_values_per_token_per_layer()
+    assert measured == {"mla": 288, "mha": 1536}
+
+
+def test_rope_score_depends_only_on_relative_position():
+    dim, theta = 16, 10000.0
+    cos, sin = rope_tables(dim, 64, theta)
+    q, k = torch.randn(dim), torch.randn(dim)
+
+    def score(m, n):
+        return apply_rope(q.view(1, dim), cos[m:m + 1], sin[m:m + 1]) @ apply_rope(k.view(1, dim), cos[n:n + 1], sin[n:n + 1]).T
+
+    torch.testing.assert_close(score(3, 1), score(40, 38), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(score(10, 17), score(30, 37), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(score(3, 1), score(3, 2), atol=1e-3)
+    torch.testing.assert_close(apply_rope(q.view(1, dim), cos[5:6], sin[5:6])[0], rotate(q, 5, theta))
+
+
+@pytest.mark.parametrize("kind", KINDS + [dict(attention="mla", tie_embeddings=False)], ids=KIND_IDS + ["untied"])
+def test_shapes_and_parameter_counts(kind):
+    model = tiny_model(**kind)
+    config = model.config
+    logits, loss = model(random_tokens(2, 13))
+    assert logits.shape == (2, 13, VOCAB) and loss is None
+    assert sum(p.numel() for p in model.parameters()) == config.num_params()
+    embeddings = model.embed_tokens.weight.numel() + (0 if config.tie_embeddings else model.lm_head.weight.numel())
+    assert config.num_params() - config.non_embedding_params() == embeddings
+
+
+def test_flops_per_token_matches_torch_flop_counter():
+    model = tiny_model().train()
+    T = model.config.block_size
+    idx = random_tokens(2, T)
+    with FlopCounterMode(display=False) as counter:
+        model(idx, targets=idx)[1].backward()
+    counted = counter.get_total_flops() / (2 * T)
+    assert counted == pytest.approx(model.config.flops_per_token(T), rel=0.02)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_gradients_reach_every_parameter(kind):
+    model = tiny_model(**kind).train()
+    idx = random_tokens(2, 16)
+    model(idx, targets=idx)[1].backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("field, value", [
+    ("qk_rope_head_dim", 7), ("d_model", 0), ("n_layer", -1), ("kv_lora_rank", 0), ("q_lora_rank", -1),
+    ("n_kv_head", 3), ("attention", "linear"), ("dropout", 1.5), ("vocab_size", 0),
+])
+def test_bad_config_names_the_field(field, value):
+    overrides = {field: value, "attention": "gqa"} if field == "n_kv_head" else {field: value}
+    with pytest.raises(ValueError, match=field):
+        ModelConfig.from_preset("tiny", **overrides)
+
+
+def test_config_dict_round_trip_and_unknown_fields():
+    config = ModelConfig.from_preset("gpt2-small", attention="gqa")
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="bogus"):
+        ModelConfig.from_dict({**config.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="preset"):
+        ModelConfig.from_preset("huge")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "shakespeare", "gpt2-small"])
+@pytest.mark.parametrize("kind", ["mha", "gqa"])
+def test_every_preset_has_a_like_for_like_baseline(preset, kind):
+    mla = ModelConfig.from_preset(preset)
+    baseline = ModelConfig.from_preset(preset, attention=kind)
+    assert (baseline.n_layer, baseline.d_model, baseline.n_head) == (mla.n_layer, mla.d_model, mla.n_head)
+    assert baseline.kv_cache_values_per_token_per_layer() > mla.kv_cache_values_per_token_per_layer()
+
+
+def test_generate_past_block_size_is_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(random_tokens(1, 60), max_new_tokens=10)
+
+
+def test_a_few_steps_overfit_one_batch():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny")).train()
+    idx = torch.randint(0, 50257, (4, 33), generator=torch.Generator().manual_seed(0))
+    x, y = idx[:, :-1], idx[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = model(x, targets=y)[1].item()
+    for _ in range(30):
+        loss = model(x, targets=y)[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 10.0  # about ln(50304) at init
+    assert loss.item() < 0.3 * first
+
+
+def test_loss_skips_targets_marked_minus_one():
+    model = tiny_model()
+    idx = random_tokens(2, 12)
+    targets = idx.clone()
+    targets[:, :5] = -1
+    logits, loss = model(idx, targets=targets)
+    expected = F.cross_entropy(logits[:, 5:].reshape(-1, VOCAB), idx[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
