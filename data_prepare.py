@@ -1,0 +1,483 @@
+"""Tokenize text with GPT-2's BPE into flat uint16 token files for training, and read them back.
+
+  python data_prepare.py --input PATH [PATH ...] --out-dir DIR [--val-fraction 0.1] [--seed S] [--workers N] [--force]
+  python data_prepare.py   # downloads Tiny Shakespeare to data/shakespeare/input.txt and prepares it there
+
+Inputs: a .txt file is one document; a directory stands for every .txt below it, sorted; a .jsonl file holds
+one document per line in its "text" field (blank lines are skipped); .txt.gz and .jsonl.gz are read as they
+decompress. Each document is followed by <|endoftext|> (id 50256); documents without text are skipped.
+
+Split: a single document is cut at a token position: the last val-fraction of its tokens, then its separator,
+go to val. Several documents are split whole: after a seeded shuffle, val takes documents until they hold
+val-fraction of all tokens, leaving at least one document on each side.
+
+Invalid UTF-8 is rejected with the file and byte offset (counted in the decompressed bytes of a .gz), never
+replaced: altered text would break the exact round trip and the bits-per-byte accounting. NUL bytes (a binary
+file) are rejected the same way.
+
+Output in DIR: train.bin and val.bin (uint16 token ids, readable with np.memmap) and meta.json (tokenizer,
+token counts and UTF-8 text bytes per split, source files with sizes and sha256, split settings). All three
+are written to temporary files and renamed on success; a failure or Ctrl-C leaves nothing behind, and an
+already prepared DIR is replaced only with --force.
+"""
+import argparse
+import array
+import codecs
+import collections
+import contextlib
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import re
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import cli
+import tokenizer
+
+assert tokenizer.VOCAB_SIZE <= 1 << 16, "token ids must fit uint16"
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+OUTPUTS = ("train.bin", "val.bin", "meta.json")  # in the order they are renamed into place
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_DIR = Path("data/shakespeare")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+INPUT_SUFFIXES = (".txt", ".txt.gz", *JSONL_SUFFIXES)
+CHUNK_BYTES = 1 << 20  # text read and encoded per piece
+COPY_TOKENS = 1 << 22  # tokens copied per step when splitting
+
+# The end of the last non-whitespace character that is followed by a space or newline: see _safe_pieces.
+_LAST_CUT = re.compile(r".*\S(?=[ \n])", re.DOTALL)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def main(argv=None):
+    """Prepare --input (or Tiny Shakespeare) into --out-dir."""
+    args = _parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        raise cli.CLIError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.workers < 1:
+        raise cli.CLIError(f"--workers must be at least 1, got {args.workers}")
+    if args.input and not args.out_dir:
+        raise cli.CLIError("--out-dir is required with --input")
+    out_dir = Path(args.out_dir or SHAKESPEARE_DIR)
+    _refuse_overwrite(out_dir, args.force)
+    files = _expand_inputs(args.input or [_fetch_shakespeare(SHAKESPEARE_DIR / "input.txt")])
+    tok = tokenizer.Tokenizer(args.tokenizer_file)
+    meta = prepare(files, out_dir, tok, args.val_fraction, args.seed, args.workers)
+    counts = ", ".join(f"{split} {meta['splits'][split]['tokens']:,} tokens" for split in SPLITS)
+    print(f"{out_dir}: {counts}, documents {meta['documents']:,}")
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", metavar="PATH", help=f"{', '.join(INPUT_SUFFIXES)} files or directories")
+    parser.add_argument("--out-dir", metavar="DIR", help=f"output directory (without --input: {SHAKESPEARE_DIR})")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens for val (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document shuffle (default 0)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding threads (default: cores)")
+    parser.add_argument("--force", action="store_true", help="replace an already prepared --out-dir")
+    tokenizer.add_argument(parser)
+    return parser.parse_args(argv)
+
+
+def _refuse_overwrite(out_dir: Path, force: bool):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise cli.CLIError(f"{out_dir}: exists and is not a directory")
+    existing = [name for name in OUTPUTS if (out_dir / name).exists()]
+    if existing and not force:
+        raise cli.CLIError(f"{out_dir} already holds prepared data ({', '.join(existing)}); --force replaces it")
+
+
+def _fetch_shakespeare(path: Path) -> Path:
+    """Download Tiny Shakespeare to path, unless it is there already."""
+    if not path.exists():
+        try:
+            with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as response:
+                data = response.read()
+        except OSError as err:
+            raise cli.CLIError(f"cannot download Tiny Shakespeare ({err}); pass your text with --input PATH") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, data)
+    return path
+
+
+def _expand_inputs(paths) -> list[Path]:
+    """The input files: directories replaced by the .txt files below them, sorted."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            if not found:
+                raise cli.CLIError(f"{path}: directory holds no .txt file")
+            files += found
+        elif not path.exists():
+            raise cli.CLIError(f"{path}: no such file or directory")
+        elif not path.name.endswith(INPUT_SUFFIXES):
+            raise cli.CLIError(f"{path}: unsupported file type (use {', '.join(INPUT_SUFFIXES)} or a directory)")
+        else:
+            files.append(path)
+    return files
+
+
+def prepare(files: list[Path], out_dir: Path, tok: tokenizer.Tokenizer, val_fraction: float, seed: int,
+            workers: int) -> dict:
+    """Tokenize files into out_dir/train.bin, val.bin and meta.json; returns the meta. Leaves nothing on failure.
+
+    Memory stays bounded whatever the corpus size: files are read CHUNK_BYTES at a time, and all documents'
+    tokens stream into one temporary file; only each document's token count stays in memory (a few int64s per
+    document). Once every count is known, the split is decided (exact token shares, documents kept whole) and
+    carried out by copying ranges of that file into the two split files.
+    """
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    temps = {name: out_dir / f".{name}.tmp" for name in ("tokens", *OUTPUTS)}
+    try:
+        doc_tokens = _encode_documents(files, temps["tokens"], tok, workers)
+        ranges = _split_ranges(doc_tokens, val_fraction, seed)
+        split_files = {split: temps[f"{split}.bin"] for split in SPLITS}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer": tokenizer.NAME,
+            "vocab_size": tokenizer.VOCAB_SIZE,
+            "eot_id": tokenizer.EOT_ID,
+            "dtype": "uint16",
+            "documents": len(doc_tokens),
+            "splits": _write_splits(temps["tokens"], split_files, ranges, tok),
+            "split": {"val_fraction": val_fraction, "seed": seed},
+            "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files],
+        }
+        temps["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
+        _publish(temps, out_dir)
+        return meta
+    finally:
+        for path in temps.values():
+            path.unlink(missing_ok=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def _publish(temps: dict, out_dir: Path):
+    """Rename the finished temporary files into place, meta.json last; if interrupted, remove the ones renamed."""
+    (out_dir / "meta.json").unlink(missing_ok=True)  # never new .bin files beside an old meta.json
+    published = []
+    try:
+        for name in OUTPUTS:
+            os.replace(temps[name], out_dir / name)
+            published.append(out_dir / name)
+    except BaseException:
+        for path in published:
+            path.unlink()
+        raise
+
+
+def _encode_documents(files, stream_path: Path, tok, workers: int) -> np.ndarray:
+    """Tokenize every document into stream_path, each followed by the eot id; returns their token counts."""
+    total_bytes = sum(path.stat().st_size for path in files)
+    progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None)
+    with open(stream_path, "wb") as f, progress:
+        stream = _DocumentStream(f)
+        for ids, doc_end in _encode_pieces(_pieces(files, progress), tok, workers):
+            stream.write(ids, doc_end)
+    if not stream.doc_tokens:
+        raise cli.CLIError("the inputs hold no text")
+    return np.frombuffer(stream.doc_tokens, dtype=np.int64)
+
+
+class _DocumentStream:
+    """Appends documents' tokens to a file, each document followed by the eot id; counts each one's tokens."""
+
+    _EOT = np.array([tokenizer.EOT_ID], dtype=np.uint16)
+
+    def __init__(self, file):
+        self.file = file
+        self.doc_tokens = array.array("q")
+        self._written = 0  # tokens so far of the document being written
+
+    def write(self, ids: np.ndarray, doc_end: bool):
+        self.file.write(ids.astype(np.uint16))
+        self._written += len(ids)
+        if doc_end and self._written:
+            self.file.write(self._EOT)
+            self.doc_tokens.append(self._written + 1)
+            self._written = 0
+
+
+def _encode_pieces(pieces, tok, workers: int):
+    """(token ids, doc_end) of each (text, doc_end) piece, in order, encoded on worker threads.
+
+    At most 2 * workers pieces are queued or being encoded at a time, which bounds memory; the calling thread
+    reads, decodes and writes meanwhile.
+    """
+    with ThreadPoolExecutor(workers) as pool:
+        in_flight = collections.deque()
+        for text, doc_end in pieces:
+            in_flight.append((pool.submit(tok.encode_to_numpy, text), doc_end))
+            if len(in_flight) == 2 * workers:
+                future, end = in_flight.popleft()
+                yield future.result(), end
+        for future, end in in_flight:
+            yield future.result(), end
+
+
+def _pieces(files, progress):
+    """(text, doc_end) pieces of about CHUNK_BYTES of every document in order; doc_end marks a document's last."""
+    for path in files:
+        blocks = _read_blocks(path, progress)
+        if path.name.endswith(JSONL_SUFFIXES):
+            for text in _jsonl_texts(path, blocks):
+                yield from _safe_pieces(text[i : i + CHUNK_BYTES] for i in range(0, len(text), CHUNK_BYTES))
+        else:
+            yield from _safe_pieces(_decode_utf8(path, blocks))
+
+
+def _safe_pieces(blocks):
+    """Re-cut one document's text blocks into (text, doc_end) pieces that encode exactly as the whole text does.
+
+    Each cut falls between a non-whitespace character and a space or newline. GPT-2's split pattern never puts
+    both in one pre-token (a pre-token is all whitespace, or an optional leading space and then no whitespace),
+    has no look-behind, and its look-aheads ((?!\\S) and $) see only characters on the same side of such a cut.
+    So each side splits into the same pre-tokens alone as inside the whole text, and BPE, which merges within
+    pre-tokens only, gives the same tokens. (Python's \\S excludes all of Unicode's White_Space, which is
+    tiktoken's \\s.) Text with no such place, such as a long run of whitespace, waits whole for the next one.
+    """
+    pending = ""
+    for block in blocks:
+        cut = _LAST_CUT.match(pending)
+        if cut:
+            yield pending[: cut.end()], False
+            pending = pending[cut.end() :]
+        pending += block
+    yield pending, True
+
+
+def _read_blocks(path: Path, progress):
+    """The file's bytes, decompressed if .gz, in CHUNK_BYTES blocks. Rejects NUL; adds disk bytes to progress."""
+    offset = done = 0
+    with open(path, "rb") as raw, gzip.open(raw) if path.suffix == ".gz" else contextlib.nullcontext(raw) as stream:
+        try:
+            while block := stream.read(CHUNK_BYTES):
+                if (nul := block.find(b"\0")) >= 0:
+                    raise cli.CLIError(f"{path}: NUL at byte {offset + nul}: a binary file, not text")
+                yield block
+                offset += len(block)
+                progress.update(raw.tell() - done)
+                done = raw.tell()
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+            raise cli.CLIError(f"{path}: corrupt gzip data ({err})") from None
+
+
+def _decode_utf8(path: Path, blocks):
+    """Text of UTF-8 byte blocks (a character may straddle two). Invalid UTF-8 is an error naming its offset."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    for block in itertools.chain(blocks, [b""]):  # the empty block flushes the decoder
+        try:
+            text = decoder.decode(block, final=not block)
+        except UnicodeDecodeError as err:
+            held_back = len(err.object) - len(block)  # bytes of an unfinished character from earlier blocks
+            raise cli.CLIError(f"{path}: invalid UTF-8 at byte {offset - held_back + err.start}") from None
+        offset += len(block)
+        yield text
+
+
+def _jsonl_texts(path: Path, blocks):
+    """The "text" field of every non-blank line."""
+    for line_number, (offset, line) in enumerate(_lines(blocks), start=1):
+        if line.strip():
+            yield _jsonl_text(f"{path}:{line_number}", offset, line)
+
+
+def _lines(blocks):
+    """(byte offset, line without its newline) for every line of byte blocks."""
+    pending, offset = b"", 0
+    for block in blocks:
+        *lines, pending = (pending + block).split(b"\n")
+        for line in lines:
+            yield offset, line
+            offset += len(line) + 1
+    if pending:
+        yield offset, pending
+
+
+def _jsonl_text(where: str, offset: int, line: bytes) -> str:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise cli.CLIError(f"{where}: invalid UTF-8 at byte {offset + err.start}") from None
+    except json.JSONDecodeError as err:
+        raise cli.CLIError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise cli.CLIError(f'{where}: no "text" string field')
+    if _SURROGATE.search(text):
+        raise cli.CLIError(f"{where}: text holds an unpaired surrogate escape (\\ud800-\\udfff): not Unicode")
+    return text
+
+
+def _split_ranges(doc_tokens: np.ndarray, val_fraction: float, seed: int) -> dict:
+    """For each split, the (starts, ends) arrays of the token ranges of the stream it gets."""
+    ends = np.cumsum(doc_tokens)
+    starts = ends - doc_tokens
+    if len(doc_tokens) == 1:
+        text_tokens = int(doc_tokens[0]) - 1  # the separator goes with the last tokens, to val
+        val_tokens = int(text_tokens * val_fraction)
+        if val_tokens == 0:
+            raise cli.CLIError(f"{text_tokens} tokens are too few to split with --val-fraction {val_fraction}")
+        cut = np.array([text_tokens - val_tokens])
+        return {"train": (starts, cut), "val": (cut, ends)}
+    order = np.random.default_rng(seed).permutation(len(doc_tokens))
+    val_docs = int(np.searchsorted(np.cumsum(doc_tokens[order]), val_fraction * ends[-1])) + 1
+    in_val = np.zeros(len(doc_tokens), dtype=bool)
+    in_val[order[: min(val_docs, len(doc_tokens) - 1)]] = True
+    return {"train": (starts[~in_val], ends[~in_val]), "val": (starts[in_val], ends[in_val])}
+
+
+def _write_splits(stream_path: Path, split_paths: dict, ranges: dict, tok) -> dict:
+    """Copy each split's token ranges out of the token stream into its file; returns each split's counts."""
+    stream = np.memmap(stream_path, dtype=np.uint16, mode="r")
+    byte_lengths = _token_byte_lengths(tok)
+    counts = {}
+    with tqdm(total=len(stream), unit="tok", unit_scale=True, desc="splitting", disable=None) as progress:
+        for split, (starts, ends) in ranges.items():
+            text_bytes = 0
+            with open(split_paths[split], "wb") as out:
+                for start, end in zip(starts, ends):
+                    for low in range(start, end, COPY_TOKENS):
+                        tokens = stream[low : min(low + COPY_TOKENS, end)]
+                        out.write(tokens)
+                        text_bytes += int(byte_lengths[tokens].sum())
+                        progress.update(len(tokens))
+            counts[split] = {"tokens": int((ends - starts).sum()), "text_bytes": text_bytes}
+    return counts
+
+
+def _token_byte_lengths(tok) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for; 0 for the separator."""
+    lengths = np.array([len(tok.decode_bytes([i])) for i in range(tokenizer.VOCAB_SIZE)])
+    lengths[tokenizer.EOT_ID] = 0
+    return lengths
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes):
+    """Write data to path through a temporary file renamed into place, so path is never half written."""
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+class PreparedData:
+    """A directory written by data_prepare.py: its meta.json and memory-mapped train/val token files."""
+
+    def __init__(self, data_dir):
+        self.data_dir = Path(data_dir)
+        self.meta = _read_meta(self.data_dir / "meta.json")
+        self.vocab_size = self.meta["vocab_size"]
+        self.eot_id = self.meta["eot_id"]
+        self._tokens = {split: _open_tokens(self.data_dir / f"{split}.bin", self.meta["splits"][split]["tokens"])
+                        for split in SPLITS}
+
+    def tokens(self, split: str) -> np.memmap:
+        """The split's uint16 token ids."""
+        return self._tokens[split]
+
+    def text_bytes(self, split: str) -> int:
+        """UTF-8 bytes of the text behind the split's tokens, separators excluded (for bits per byte)."""
+        return self.meta["splits"][split]["text_bytes"]
+
+    def get_batch(self, split, batch_size, block_size, generator, device="cpu"):
+        """Random (x, y) int64 tensors of shape (batch_size, block_size); y is x one token ahead.
+
+        Start offsets come from torch.randint with generator (a torch.Generator), so restoring
+        generator.get_state() replays the same batches.
+        """
+        import torch  # here, not at the top: preparing data needs no torch and starts faster and leaner without it
+
+        data = self._tokens[split]
+        if len(data) < block_size + 1:
+            raise cli.CLIError(f"the {split} split has {len(data)} tokens, not the block_size + 1 ({block_size + 1}) "
+                               "a batch needs")
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+        windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        if torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+    def eval_windows(self, split, block_size, stride=None):
+        """1-D int64 (x, y) windows of length block_size that score every target of the split exactly once.
+
+        y is -1 where a target is not scored. Windows start every stride tokens (default block_size: no overlap);
+        each window after the first scores only its last stride targets, so each gets at least
+        block_size - stride tokens of context. The last window is padded with x = 0, y = -1.
+        """
+        import torch
+
+        stride = stride or block_size
+        if not 0 < stride <= block_size:
+            raise cli.CLIError(f"eval stride must be between 1 and block_size ({block_size}), got {stride}")
+        data = self._tokens[split]
+        last_start = max(len(data) - 1 - block_size, 0)
+        for start in range(0, last_start + stride, stride):
+            window = data[start : start + block_size + 1].astype(np.int64)
+            x = np.zeros(block_size, dtype=np.int64)
+            y = np.full(block_size, -1, dtype=np.int64)
+            x[: min(len(window), block_size)] = window[:block_size]
+            y[: len(window) - 1] = window[1:]
+            if start > 0:
+                y[: block_size - stride] = -1  # scored by the previous window
+            yield torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _read_meta(path: Path) -> dict:
+    """meta.json, checked: its format version, dtype and the fields the reader uses."""
+    if not path.is_file():
+        raise cli.CLIError(f"{path}: missing; prepare the data with data_prepare.py first")
+    try:
+        meta = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise cli.CLIError(f"{path}: not valid JSON ({err})") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise cli.CLIError(f"{path}: unknown format_version {version!r} (this code reads {FORMAT_VERSION})")
+    try:
+        dtype = meta["dtype"]
+        counts = [meta["vocab_size"], meta["eot_id"]]
+        counts += [meta["splits"][split][key] for split in SPLITS for key in ("tokens", "text_bytes")]
+    except (KeyError, TypeError) as err:
+        raise cli.CLIError(f"{path}: malformed, missing field {err}") from None
+    if not all(isinstance(count, int) for count in counts):
+        raise cli.CLIError(f"{path}: malformed, a count is not an integer")
+    if dtype != "uint16":
+        raise cli.CLIError(f"{path}: dtype {dtype!r}, expected 'uint16'")
+    return meta
+
+
+def _open_tokens(path: Path, n_tokens: int) -> np.memmap:
+    """Memory-map a split's token file after checking its size against meta.json."""
+    if not path.is_file():
+        raise cli.CLIError(f"{path}: missing")
+    size = path.stat().st_size
+    if n_tokens < 1 or size != 2 * n_tokens:
+        raise cli.CLIError(f"{path}: {size} bytes, but meta.json says {n_tokens} tokens ({2 * n_tokens} bytes)")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+if __name__ == "__main__":
+    cli.run(main)
