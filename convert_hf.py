@@ -1,0 +1,319 @@
+"""Convert checkpoints between this project and Hugging Face transformers' DeepSeek-V3 (DeepseekV3ForCausalLM).
+
+    python convert_hf.py export --ckpt out/shakespeare/best.pt --out-dir hf_model
+    python convert_hf.py import --hf-dir hf_model --out imported.pt
+
+export writes config.json and model.safetensors, which DeepseekV3ForCausalLM.from_pretrained(dir) loads with no
+missing or unexpected weights. import reads such a directory, including one written by transformers'
+save_pretrained, back into a checkpoint holding "model" and "model_config" (train.py's, less the optimiser state),
+which test.py evaluates (with --data-dir) and samples from. Only dense DeepSeek-V3 models convert (no
+mixture-of-experts layers, no multi-token-prediction layers, plain RoPE without YaRN), and only MLA checkpoints
+export: DeepSeek-V3 has no MHA or GQA.
+
+The two models compute the same logits (tests/test_convert_hf.py checks it against transformers 5.24.0); what
+differs is only how they write things down:
+- Weight names: DeepSeek's, the same as ours; transformers adds "model." to every name but lm_head.weight.
+- RoPE pairs: ours rotates pairs (i, i + dr/2) of q_rope and k_rope. DeepSeek's checkpoints store each pair's two
+  rows side by side, (2i, 2i + 1), which transformers reads when rope_interleave is true, its default. export
+  reorders the RoPE rows of q_b_proj (or q_proj) and kv_a_proj_with_mqa into that layout and sets the flag;
+  import reorders them back, or copies them when a directory says rope_interleave false.
+- Tied embeddings: tie_word_embeddings; lm_head.weight is then left out of the file, as save_pretrained does.
+- No query compression: q_lora_rank 0 here is null there (q_proj instead of q_a_proj / q_b_proj).
+- RMSNorm eps: transformers builds q_a_layernorm and kv_a_layernorm with eps 1e-6 whatever rms_norm_eps says, so
+  only norm_eps 1e-6 (every preset's) converts exactly; others are refused.
+- Softmax scale: both use (qk_nope_head_dim + qk_rope_head_dim) ** -0.5 as long as RoPE is unscaled; YaRN would
+  multiply it by its mscale, so scaled RoPE is refused.
+- Dense layers: first_k_dense_replace = num_hidden_layers makes every FFN the SwiGLU MLP (intermediate_size =
+  ffn_hidden); n_routed_experts 0 and num_nextn_predict_layers 0 say there are no experts and no MTP layers.
+- Vocabulary: the padded vocab_size (50304) is exported as is; the ids past GPT-2's 50257 never come from the
+  tokenizer. bos/eos_token_id name GPT-2's <|endoftext|> (50256) and tokenizer_note says which tokenizer this is;
+  on the Hugging Face side, AutoTokenizer.from_pretrained("gpt2") is the same BPE.
+- Dropout: transformers has only attention dropout; export writes 0, import sets dropout 0 (pass your own when
+  fine-tuning). block_size is max_position_embeddings.
+"""
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from cli import CLIError, run
+from model import Transformer
+from model_config import ModelConfig
+from tokenizer import EOT_ID
+
+HF_LATENT_NORM_EPS = 1e-6  # transformers' eps for q_a_layernorm and kv_a_layernorm, fixed
+TOKENIZER_NOTE = ("GPT-2 BPE (tiktoken r50k_base, the same as Hugging Face's 'gpt2' tokenizer); "
+                  "<|endoftext|> = 50256 separates documents; ids from 50257 up are vocabulary padding")
+# transformers' DeepseekV3Config defaults, for the flags a config.json may leave out
+HF_DEFAULTS = {"first_k_dense_replace": 3, "rope_interleave": True, "tie_word_embeddings": False,
+               "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False, "rope_theta": 10000.0}
+HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+               "max_position_embeddings")
+
+
+def safetensors_torch():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise CLIError("convert_hf.py needs safetensors: pip install -r requirements-dev.txt") from None
+    return safetensors.torch
+
+
+# ---- weights ------------------------------------------------------------------------------------
+
+def interleave_order(dr: int) -> torch.Tensor:
+    """(dr,) row order that turns half-split RoPE pairs (i, i + dr/2) into interleaved pairs (2i, 2i + 1):
+    interleaved[j] = half_split[order[j]]."""
+    return torch.arange(dr).view(2, dr // 2).t().reshape(-1)
+
+
+def reorder_rope_rows(name: str, weight: torch.Tensor, config: ModelConfig, order: torch.Tensor) -> torch.Tensor:
+    """Reorder the RoPE output rows of the projections that make q_rope and k_rope; other weights pass through.
+
+    q_b_proj / q_proj (H * (dn + dr), in) end each head's rows with its dr RoPE rows;
+    kv_a_proj_with_mqa (r + dr, in) ends with the dr rows of the shared k_rope."""
+    module = name.rsplit(".", 2)[-2]
+    if module in ("q_b_proj", "q_proj"):
+        lead = config.qk_nope_head_dim
+    elif module == "kv_a_proj_with_mqa":
+        lead = config.kv_lora_rank
+    else:
+        return weight
+    groups = weight.view(-1, lead + order.numel(), weight.size(-1))  # (groups, lead + dr, in)
+    return torch.cat((groups[:, :lead], groups[:, lead:][:, order]), dim=1).reshape(weight.shape)
+
+
+def hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else f"model.{name}"
+
+
+def to_hf_weights(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under transformers' names, RoPE rows interleaved, float32; no lm_head when tied."""
+    config = model.config
+    order = interleave_order(config.qk_rope_head_dim)
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        weights[hf_name(name)] = reorder_rope_rows(name, tensor, config, order).float().contiguous()
+    return weights
+
+
+def from_hf_weights(hf_weights: dict[str, torch.Tensor], config: ModelConfig, interleaved: bool) -> dict:
+    """A state dict for Transformer(config) from transformers' weights, checked name by name and shape by shape."""
+    with torch.device("meta"):  # names and shapes only, no memory
+        template = Transformer(config).state_dict()
+    dr = config.qk_rope_head_dim
+    order = interleave_order(dr).argsort() if interleaved else torch.arange(dr)
+    state = {}
+    for name, expected in template.items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        tensor = hf_weights.get(hf_name(name))
+        if tensor is None:
+            raise CLIError(f"the weights lack {hf_name(name)}")
+        if tensor.shape != expected.shape:
+            raise CLIError(f"{hf_name(name)} has shape {tuple(tensor.shape)}; "
+                           f"config.json implies {tuple(expected.shape)}")
+        state[name] = reorder_rope_rows(name, tensor.float(), config, order).contiguous()
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    unexpected = sorted(set(hf_weights) - {hf_name(name) for name in template})
+    if unexpected:
+        raise CLIError(f"unexpected weights for a dense DeepSeek-V3 model: {', '.join(unexpected[:3])}"
+                       f"{' ...' if len(unexpected) > 3 else ''}")
+    return state
+
+
+def load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in hf_dir/model.safetensors (save_pretrained writes one file up to 50 GB)."""
+    st = safetensors_torch()
+    path = hf_dir / "model.safetensors"
+    if not path.is_file():
+        raise CLIError(f"{path} does not exist")
+    try:
+        return st.load_file(path)
+    except Exception as err:  # safetensors reports a bad file as SafetensorError, OSError or ValueError
+        raise CLIError(f"{path} is not a readable safetensors file ({type(err).__name__})") from None
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+def to_hf_config(config: ModelConfig) -> dict:
+    """config.json for DeepseekV3ForCausalLM: dense, plain RoPE, interleaved RoPE rows."""
+    eot = EOT_ID if EOT_ID < config.vocab_size else None  # transformers warns about special ids outside the vocab
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.ffn_hidden,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_head,  # keys and values are per head; fewer would make transformers repeat them
+        "q_lora_rank": config.q_lora_rank or None,
+        "kv_lora_rank": config.kv_lora_rank,
+        "qk_nope_head_dim": config.qk_nope_head_dim,
+        "qk_rope_head_dim": config.qk_rope_head_dim,
+        "v_head_dim": config.v_head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_interleave": True,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_embeddings,
+        "first_k_dense_replace": config.n_layer,
+        "n_routed_experts": 0,
+        "num_nextn_predict_layers": 0,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "tokenizer_note": TOKENIZER_NOTE,
+        "dtype": "float32",
+    }
+
+
+def from_hf_config(hf: dict) -> tuple[ModelConfig, bool]:
+    """Our ModelConfig from a DeepSeek-V3 config.json, and whether its RoPE rows are interleaved.
+    Refuses what this project's model cannot compute the same way."""
+    if hf.get("model_type") != "deepseek_v3":
+        raise CLIError(f"config.json has model_type {hf.get('model_type')!r}, not 'deepseek_v3'")
+    missing = [key for key in HF_REQUIRED if key not in hf]
+    if missing:
+        raise CLIError(f"config.json lacks {', '.join(missing)}")
+    hf = {**HF_DEFAULTS, **hf}
+    dense = hf["first_k_dense_replace"]
+    if not isinstance(dense, int) or dense < hf["num_hidden_layers"]:
+        raise CLIError(f"this DeepSeek-V3 model has mixture-of-experts layers (first_k_dense_replace {dense} < "
+                       f"num_hidden_layers {hf['num_hidden_layers']}); only dense models convert")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers >= 5, or older config files
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise CLIError(f"RoPE scaling {rope_type!r} is not supported: this project's MLA uses plain RoPE")
+    if hf["hidden_act"] != "silu" or hf["attention_bias"]:
+        raise CLIError(f"only SwiGLU (hidden_act silu) without attention biases converts; got hidden_act "
+                       f"{hf['hidden_act']!r}, attention_bias {hf['attention_bias']}")
+    if hf["rms_norm_eps"] != HF_LATENT_NORM_EPS:
+        raise CLIError(f"rms_norm_eps is {hf['rms_norm_eps']}, but transformers uses {HF_LATENT_NORM_EPS} in "
+                       f"q_a_layernorm and kv_a_layernorm; this project's model has one eps for every norm")
+    try:
+        config = ModelConfig(
+            vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+            d_model=hf["hidden_size"], n_head=hf["num_attention_heads"], attention="mla",
+            q_lora_rank=hf["q_lora_rank"] or 0, kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"], rope_theta=float(rope.get("rope_theta", hf["rope_theta"])),
+            ffn_hidden=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"], dropout=0.0,
+            tie_embeddings=bool(hf["tie_word_embeddings"]))
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"config.json: {err}") from None
+    return config, bool(hf["rope_interleave"])
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CLIError(f"{path} does not exist") from None
+    except (OSError, ValueError) as err:
+        raise CLIError(f"{path} is not readable JSON ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"{path} does not hold a JSON object")
+    return data
+
+
+# ---- the two directions -------------------------------------------------------------------------
+
+def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> None:
+    """Project checkpoint -> out_dir/{config.json, model.safetensors}, written beside out_dir, then moved in."""
+    out_dir = Path(out_dir)
+    refuse_dir_overwrite(out_dir, force)
+    model = model_from_checkpoint(load_checkpoint(ckpt_path))
+    if model.config.attention != "mla":
+        raise CLIError(f"{ckpt_path} has {model.config.attention} attention; "
+                       "only MLA checkpoints export as DeepSeek-V3")
+    if model.config.norm_eps != HF_LATENT_NORM_EPS:
+        raise CLIError(f"norm_eps is {model.config.norm_eps}, but transformers' DeepSeek-V3 always uses "
+                       f"{HF_LATENT_NORM_EPS} in q_a_layernorm and kv_a_layernorm: its logits would differ")
+    st = safetensors_torch()
+    weights, hf_config = to_hf_weights(model), to_hf_config(model.config)
+
+    def write(tmp: Path):
+        st.save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+    write_dir_atomically(out_dir, write)
+
+
+def import_checkpoint(hf_dir, out_path, force: bool = False) -> None:
+    """A DeepSeek-V3 directory -> a project checkpoint {"model", "model_config"} at out_path."""
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    refuse_overwrite(out_path, force)
+    if not hf_dir.is_dir():
+        raise CLIError(f"{hf_dir} is not a directory")
+    config, interleaved = from_hf_config(read_json(hf_dir / "config.json"))
+    state = from_hf_weights(load_hf_weights(hf_dir), config, interleaved)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"model": state, "model_config": config.to_dict()}, out_path)
+
+
+def refuse_overwrite(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise CLIError(f"{path} is a directory, not a checkpoint file")
+    if path.exists() and not force:
+        raise CLIError(f"{path} already exists; pass --force to replace it")
+
+
+def refuse_dir_overwrite(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise CLIError(f"{out_dir} already exists and is not empty; pass --force to replace it")
+
+
+def write_dir_atomically(out_dir: Path, write) -> None:
+    """Run write(tmp) on a fresh directory beside out_dir, then move it to out_dir, replacing what was there."""
+    tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
+    for leftover in (tmp, old):  # from a run that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="project checkpoint -> Hugging Face DeepSeek-V3 directory")
+    export.add_argument("--ckpt", required=True, help="project checkpoint (.pt) of an MLA model")
+    export.add_argument("--out-dir", required=True, help="directory to write config.json and model.safetensors to")
+    imp = commands.add_parser("import", help="Hugging Face DeepSeek-V3 directory -> project checkpoint")
+    imp.add_argument("--hf-dir", required=True, help="directory with config.json and model.safetensors")
+    imp.add_argument("--out", required=True, help="checkpoint file to write")
+    for sub in (export, imp):
+        sub.add_argument("--force", action="store_true", help="replace an existing output")
+    args = parser.parse_args()
+    if args.command == "export":
+        export_checkpoint(args.ckpt, args.out_dir, args.force)
+        print(f"wrote {args.out_dir}/config.json and model.safetensors")
+    else:
+        import_checkpoint(args.hf_dir, args.out, args.force)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run(main)
