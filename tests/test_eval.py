@@ -26,6 +26,16 @@ SHARED = REPO.parent / "shared"
 CORPUS_CHARS = 24_000  # the first lines of Tiny Shakespeare: a val split of a few hundred tokens
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine each of their many small ops
+    waits for it: one thread keeps these tests fast however loaded the machine is."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A prepared dir made by data_prepare.py from the start of Tiny Shakespeare."""
