@@ -229,7 +229,7 @@ def bench_command(args, device):
     if min(args.contexts) < 2 or min(args.batches) < 1 or args.steps < 1 or args.prefill_runs < 1:
         raise CLIError("--contexts must be >= 2, --batches, --steps and --prefill-runs >= 1")
     rows = benchmark(config, args.contexts, args.batches, device, DTYPES[args.dtype], args.steps, args.prefill_runs)
-    threads = f"CPU, {torch.get_num_threads()} threads"
+    threads = f"CPU, {torch.get_num_threads()} thread(s)"
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
     print(f"{hardware}, torch {torch.__version__}, {args.dtype}, random weights")
     print(markdown_table(rows))
