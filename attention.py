@@ -160,7 +160,9 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat((k_nope, k_rope.unsqueeze(1).expand(B, self.n_head, S, self.dr)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         dropout_p = self.dropout if self.training else 0.0
-        return causal_attention(q, k, v, self.scale, dropout_p)
+        # SDPA's fused (flash) kernels want values as wide as keys: pad v with zeros and drop them after.
+        y = causal_attention(q, k, F.pad(v, (0, self.dn + self.dr - self.dv)), self.scale, dropout_p)
+        return y[..., :self.dv]
 
     def attend_absorbed(self, q_nope, q_rope, latent) -> torch.Tensor:
         """Attend over the latent cache without decompressing it: W_UK is absorbed into the query, and W_UV is

@@ -31,6 +31,14 @@ class Transformer(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
 
+    def _apply(self, fn, recurse=True):
+        """Casts and moves (model.to, .bfloat16(), .cuda()) apply to the weights; the RoPE tables stay float32,
+        since angles at far positions lose their precision in 16 bits."""
+        cos, sin = self.rope_cos.float(), self.rope_sin.float()
+        super()._apply(fn, recurse)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
+
     @staticmethod
     def _init_weights(module: nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

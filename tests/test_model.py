@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from attention import LayerCache, MultiHeadLatentAttention, apply_rope, rope_tables
@@ -183,11 +184,15 @@ def test_shapes_and_parameter_counts(kind):
     assert config.num_params() - config.non_embedding_params() == embeddings
 
 
-def test_flops_per_token_matches_torch_flop_counter():
-    model = tiny_model().train()
+@pytest.mark.parametrize("kind", [dict(attention="mla", v_head_dim=24), dict(attention="mha"), dict(attention="gqa")],
+                         ids=["mla", "mha", "gqa"])
+def test_flops_per_token_matches_torch_flop_counter(kind):
+    """The formula against counted matmuls. MLA gets v_head_dim = qk_head_dim here, since the training path pads
+    narrower values with zeros for SDPA's fused kernel, which adds work the formula rightly leaves out."""
+    model = tiny_model(**kind).train()
     T = model.config.block_size
     idx = random_tokens(2, T)
-    with FlopCounterMode(display=False) as counter:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math: countable matmuls
         model(idx, targets=idx)[1].backward()
     counted = counter.get_total_flops() / (2 * T)
     assert counted == pytest.approx(model.config.flops_per_token(T), rel=0.02)
@@ -260,3 +265,19 @@ def test_loss_skips_targets_marked_minus_one():
     logits, loss = model(idx, targets=targets)
     expected = F.cross_entropy(logits[:, 5:].reshape(-1, VOCAB), idx[:, 5:].reshape(-1))
     torch.testing.assert_close(loss, expected)
+
+
+def test_casting_the_model_keeps_rope_tables_in_float32():
+    model = tiny_model().to(torch.bfloat16)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32
+    cos, _ = rope_tables(model.config.rope_dim, model.config.block_size, model.config.rope_theta)
+    assert torch.equal(model.rope_cos, cos)
+
+
+def test_training_attention_matches_the_paper_with_dropout_off_in_eval():
+    model = tiny_model(dropout=0.5)
+    idx = random_tokens(1, 16)
+    assert torch.equal(model(idx)[0], model(idx)[0])  # eval: no dropout anywhere
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])
