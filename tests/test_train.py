@@ -1,0 +1,344 @@
+"""train.py on the CPU: the loss falls, resuming is bitwise exact, two DDP processes equal one with twice the batch,
+a crash while saving or a NaN loss leaves the checkpoints alone, and bad input is one line.
+
+Most runs use a prepared data dir in data_prepare.py's format whose tokens are the UTF-8 bytes of Tiny Shakespeare
+(vocab 256), so that the tiny model's LM head is small and a training step takes milliseconds."""
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+import data_prepare
+from checkpoint import load_checkpoint
+from cli import CLIError
+from data_prepare import PreparedData
+from model import Transformer
+from model_config import ModelConfig
+import train as train_module
+from train import TrainConfig, lr_at, make_optimizer, train, train_step
+
+REPO = Path(__file__).resolve().parent.parent
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+TINY = ModelConfig.from_preset("tiny", vocab_size=256, dropout=0.1)  # dropout: resuming must restore its RNG too
+TIMING_FIELDS = ("tokens_per_sec", "mfu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from a second thread, and a busy machine can make two threads 4x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_config(out_dir, data_dir, **overrides) -> TrainConfig:
+    settings = dict(data_dir=str(data_dir), out_dir=str(out_dir), max_iters=20, lr_decay_iters=20, batch_size=8,
+                    lr=3e-3, min_lr=3e-4, warmup_iters=5, eval_interval=5, eval_iters=2, log_interval=5,
+                    device="cpu")
+    return TrainConfig(**settings | overrides)
+
+
+@pytest.fixture(scope="module")
+def byte_data(tmp_path_factory) -> Path:
+    """A prepared data dir (train.bin, val.bin, meta.json as data_prepare.py writes them) holding the first 200 kB
+    of Tiny Shakespeare as byte tokens: 180,000 for train, 20,000 for val."""
+    directory = tmp_path_factory.mktemp("bytes")
+    tokens = np.frombuffer(SHAKESPEARE.read_bytes()[:200_000], dtype=np.uint8).astype(np.uint16)
+    splits = {"train": tokens[:180_000], "val": tokens[180_000:]}
+    for split, ids in splits.items():
+        ids.tofile(directory / f"{split}.bin")
+    meta = {"format_version": data_prepare.FORMAT_VERSION, "tokenizer": "utf-8 bytes", "vocab_size": 256,
+            "eot_id": 0, "dtype": "uint16",
+            "splits": {split: {"tokens": len(ids), "text_bytes": len(ids)} for split, ids in splits.items()}}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, byte_data) -> Path:
+    """20 steps in one go: evaluations (and saves) at steps 0, 5, 10, 15, 20."""
+    out = tmp_path_factory.mktemp("straight")
+    assert train(run_config(out, byte_data), TINY) == 0
+    return out
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMING_FIELDS}
+
+
+def assert_same_state(a, b, where=""):
+    """Equal nested checkpoint contents, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def assert_same_run(resumed: Path, straight: Path, every_line: bool):
+    """Same ckpt.pt and best.pt (weights, optimiser, RNG and data-stream states, step, best val loss), and the
+    same evaluations in metrics.jsonl; every_line: the same training lines too."""
+    for name in ("ckpt.pt", "best.pt"):
+        a, b = load_checkpoint(resumed / name), load_checkpoint(straight / name)
+        assert a["train_config"].pop("resume") and not b["train_config"].pop("resume")
+        for ckpt in (a, b):
+            ckpt["train_config"].pop("out_dir")
+        assert_same_state(a, b, name)
+    lines = [list(map(without_timing, metrics(out))) for out in (resumed, straight)]
+    if not every_line:
+        lines = [[line for line in run if "val_loss" in line] for run in lines]
+    assert lines[0] == lines[1]
+
+
+# ---- schedule and optimiser --------------------------------------------------------------------
+
+def test_lr_schedule_matches_torch_schedulers():
+    """Linear warmup then cosine decay, against torch's LinearLR + CosineAnnealingLR; min_lr after the horizon."""
+    tc = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=80, max_iters=100)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=tc.lr)
+    reference = SequentialLR(optimizer, [LinearLR(optimizer, 1 / 10, 1.0, total_iters=9),
+                                         CosineAnnealingLR(optimizer, T_max=70, eta_min=tc.min_lr)], milestones=[10])
+    for step in range(81):
+        assert lr_at(step, tc) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12, abs=0)
+        optimizer.step()
+        reference.step()
+    assert [lr_at(step, tc) for step in range(80, 100)] == [tc.min_lr] * 20
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = Transformer(TINY)
+    decay, no_decay = make_optimizer(model, 1e-3, 0.1, fused=False).param_groups
+    names = {p: name for name, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[p] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if "norm" in n}
+    assert "embed_tokens.weight" in {names[p] for p in decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)  # the tied LM head counted once
+
+
+# ---- training runs -----------------------------------------------------------------------------
+
+def test_loss_goes_down(tmp_path):
+    """End to end on GPT-2 tokens: data_prepare.py on 100 kB of Tiny Shakespeare, then 20 steps of 512 tokens
+    with the tiny preset's vocab of 50304 take the val loss from about ln 50304 = 10.8 nats to 2 nats lower."""
+    text = tmp_path / "shakespeare.txt"
+    text.write_bytes(SHAKESPEARE.read_bytes()[:100_000])
+    data_prepare.main(["--input", str(text), "--out-dir", str(tmp_path / "data"), "--workers", "1"])
+    tc = run_config(tmp_path / "out", tmp_path / "data", eval_interval=20)
+    assert train(tc, ModelConfig.from_preset("tiny")) == 0
+    evals = [line for line in metrics(tmp_path / "out") if "val_loss" in line]
+    assert [line["step"] for line in evals] == [0, 20]
+    assert evals[0]["val_loss"] == pytest.approx(np.log(50304), abs=0.1)
+    assert evals[1]["val_loss"] < evals[0]["val_loss"] - 2.0
+
+
+def test_best_checkpoint_holds_the_lowest_val_loss(straight_run):
+    evals = [line for line in metrics(straight_run) if "val_loss" in line]
+    assert [line["step"] for line in evals] == [0, 5, 10, 15, 20]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5  # byte tokens: from ln 256 = 5.55 nats
+    lowest = min(evals, key=lambda line: line["val_loss"])
+    best = load_checkpoint(straight_run / "best.pt")
+    assert best["best_val_loss"] == lowest["val_loss"] == evals[-1]["best_val_loss"] and best["step"] == lowest["step"]
+
+
+def test_resume_is_bitwise_exact(tmp_path, byte_data, straight_run):
+    """10 steps, then resumed to 20: the same weights, optimiser, RNG states, best.pt and log as 20 straight."""
+    assert train(run_config(tmp_path, byte_data, max_iters=10), TINY) == 0
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 10
+    assert train(run_config(tmp_path, byte_data, resume=True), TINY) == 0
+    assert_same_run(tmp_path, straight_run, every_line=True)
+
+
+def test_sigterm_saves_and_resume_is_bitwise_exact(tmp_path, byte_data, straight_run, monkeypatch):
+    """SIGTERM during step 7 finishes that step, saves ckpt.pt and returns; resuming then ends where 20 straight
+    steps do. (The first training line after the resume averages fewer steps, so only evaluations are compared.)"""
+    steps = itertools.count(1)
+
+    def signal_during_step_7(*args):
+        if next(steps) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(*args)
+
+    monkeypatch.setattr(train_module, "train_step", signal_during_step_7)
+    assert train(run_config(tmp_path, byte_data), TINY) == signal.SIGTERM
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    monkeypatch.undo()
+    assert train(run_config(tmp_path, byte_data, resume=True), TINY) == 0
+    assert_same_run(tmp_path, straight_run, every_line=False)
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, byte_data, straight_run, monkeypatch):
+    shutil.copytree(straight_run, tmp_path, dirs_exist_ok=True)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def save_part_then_fail(obj, f, *args, **kwargs):
+        f.write(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_part_then_fail)
+    with pytest.raises(CLIError, match=r"could not write .*ckpt\.pt: No space left on device"):
+        train(run_config(tmp_path, byte_data, max_iters=30, resume=True), TINY)
+    monkeypatch.undo()
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "ckpt.pt", "metrics.jsonl"]  # no temp file
+
+
+def test_nan_loss_stops_without_touching_checkpoints(tmp_path, byte_data, straight_run, monkeypatch):
+    shutil.copytree(straight_run, tmp_path, dirs_exist_ok=True)
+    before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "best.pt")}
+    forward = Transformer.forward
+
+    def forward_with_nan_loss(self, idx, targets=None, cache=None):
+        logits, loss = forward(self, idx, targets, cache)
+        return logits, loss * float("nan")
+
+    monkeypatch.setattr(Transformer, "forward", forward_with_nan_loss)
+    with pytest.raises(CLIError, match="training loss became nan between steps 21 and 25"):
+        train(run_config(tmp_path, byte_data, max_iters=30, resume=True), TINY)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_resuming_another_model_names_the_fields(tmp_path, byte_data, straight_run):
+    shutil.copytree(straight_run, tmp_path, dirs_exist_ok=True)
+    with pytest.raises(CLIError) as error:
+        train(run_config(tmp_path, byte_data, resume=True), replace(TINY, n_layer=3, vocab_size=512))
+    assert "vocab_size (checkpoint 256, requested 512), n_layer (checkpoint 2, requested 3)" in str(error.value)
+
+
+# ---- two processes -----------------------------------------------------------------------------
+
+def feed_fixed_batches(rank: int, world_size: int, seeds_file: Path | None = None):
+    """Replace PreparedData.get_batch: call k returns rows [rank * b, (rank + 1) * b) of the k-th fixed
+    (world_size * b)-row batch, so the ranks' batches together are exactly one process's batch with
+    world_size * b rows. Appends the seed of the generator of each train-split batch to seeds_file."""
+    calls = itertools.count()
+
+    def get_batch(self, split, batch_size, block_size, generator, device="cpu"):
+        rows = torch.randint(0, 256, (world_size * batch_size, block_size + 1),
+                             generator=torch.Generator().manual_seed(next(calls)))
+        rows = rows[rank * batch_size:(rank + 1) * batch_size]
+        if seeds_file is not None and split == "train":
+            with open(seeds_file, "a") as f:
+                f.write(f"{generator.initial_seed()}\n")
+        return rows[:, :-1].to(device), rows[:, 1:].to(device)
+
+    PreparedData.get_batch = get_batch
+
+
+def ddp_worker(rank, world_size, port, tc, mc, seeds_dir):
+    """One torchrun-like process: its environment, fixed batches, and train()."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    feed_fixed_batches(rank, world_size, Path(seeds_dir) / f"rank{rank}.txt")
+    train(tc, mc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_with_twice_the_batch(tmp_path, byte_data, monkeypatch):
+    """gloo, 2 processes x batch 4 against 1 process x batch 8, with 2 accumulation micro-steps per step (so the
+    no_sync path runs) and no dropout. Rank 0 alone writes; each process seeds its streams differently."""
+    mc = replace(TINY, dropout=0.0)
+    settings = dict(max_iters=3, grad_accum=2, eval_interval=3, eval_iters=1, log_interval=1)
+    single, double = tmp_path / "one", tmp_path / "two"
+    monkeypatch.setattr(PreparedData, "get_batch", PreparedData.get_batch)  # undone after the test
+    feed_fixed_batches(0, 1)
+    assert train(run_config(single, byte_data, batch_size=8, **settings), mc) == 0
+
+    args = (2, free_port(), run_config(double, byte_data, batch_size=4, **settings), mc, str(tmp_path))
+    processes = mp.start_processes(ddp_worker, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 180
+    while not processes.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in processes.processes:
+                process.kill()
+            pytest.fail("the DDP processes did not finish in 180 s")
+
+    one, two = load_checkpoint(single / "ckpt.pt"), load_checkpoint(double / "ckpt.pt")
+    assert one["model"].keys() == two["model"].keys() == Transformer(mc).state_dict().keys()  # no module. prefix
+    for name, weight in one["model"].items():
+        torch.testing.assert_close(two["model"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    assert two["tokens_seen"] == one["tokens_seen"] == 3 * 8 * mc.block_size * 2
+    assert len(two["rng"]) == 2
+    lines = [metrics(single), metrics(double)]
+    assert len(lines[0]) == len(lines[1])  # one writer: no line written twice
+    for a, b in zip(*lines):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for key in ("loss", "train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5)
+    seeds = [set((tmp_path / f"rank{rank}.txt").read_text().split()) for rank in (0, 1)]
+    assert len(seeds[0]) == len(seeds[1]) == 3 and seeds[0].isdisjoint(seeds[1])  # training + 2 evaluations
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), "--device", "cpu", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def test_cli_resume_takes_the_configs_from_the_checkpoint(tmp_path, straight_run):
+    """--resume with only --out-dir and --max-iters: data dir, model and schedule come from ckpt.pt."""
+    shutil.copytree(straight_run, tmp_path, dirs_exist_ok=True)
+    result = run_cli("--out-dir", tmp_path, "--resume", "--max-iters", 23, "--eval-interval", 3)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("model: ") == 1 and '"vocab_size": 256' in result.stdout
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 23 and ckpt["model_config"] == TINY.to_dict()
+    assert ckpt["train_config"]["lr_decay_iters"] == 20 and ckpt["train_config"]["eval_interval"] == 3
+    before, after = metrics(straight_run), metrics(tmp_path)
+    assert after[:len(before)] == before and [line["step"] for line in after[len(before):]] == [21, 21, 23, 23]
+
+
+@pytest.mark.parametrize("case", ["vocab", "short split", "no data", "bad value", "ckpt exists", "other model"])
+def test_bad_input_is_one_line(case, tmp_path, byte_data, straight_run):
+    out = tmp_path / "out"
+    args, expected = {
+        "vocab": (["--data-dir", byte_data, "--preset", "tiny", "--vocab-size", 200],
+                  "has token ids up to 255 but the model's vocab_size is 200; pass --vocab-size 256 or more"),
+        "short split": (["--data-dir", byte_data, "--preset", "tiny", "--vocab-size", 256, "--block-size", 20_000],
+                        "the val split has 20000 tokens, fewer than block_size + 1 = 20001"),
+        "no data": (["--data-dir", tmp_path / "missing"], "meta.json: missing"),
+        "bad value": (["--data-dir", byte_data, "--lr", 1e-5], "need 0 <= min_lr <= lr"),
+        "ckpt exists": (["--data-dir", byte_data, "--preset", "tiny", "--vocab-size", 256, "--out-dir", straight_run],
+                        "ckpt.pt exists; pass --resume"),
+        "other model": (["--resume", "--out-dir", straight_run, "--n-layer", 3],
+                        "the model differs in n_layer (checkpoint 2, requested 3)"),
+    }[case]
+    result = run_cli("--out-dir", out, *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
