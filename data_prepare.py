@@ -342,17 +342,22 @@ def _split_ranges(doc_tokens: np.ndarray, val_fraction: float, seed: int) -> dic
 
 
 def _write_splits(stream_path: Path, split_paths: dict, ranges: dict, tok) -> dict:
-    """Copy each split's token ranges out of the token stream into its file; returns each split's counts."""
-    stream = np.memmap(stream_path, dtype=np.uint16, mode="r")
+    """Copy each split's token ranges out of the token stream into its file; returns each split's counts.
+
+    Plain reads rather than a memory map, whose pages would count towards the process's memory.
+    """
     byte_lengths = _token_byte_lengths(tok)
     counts = {}
-    with tqdm(total=len(stream), unit="tok", unit_scale=True, desc="splitting", disable=None) as progress:
+    progress = tqdm(total=stream_path.stat().st_size // 2, unit="tok", unit_scale=True, desc="splitting", disable=None)
+    with open(stream_path, "rb") as stream, progress:
         for split, (starts, ends) in ranges.items():
             text_bytes = 0
             with open(split_paths[split], "wb") as out:
                 for start, end in zip(starts, ends):
+                    stream.seek(2 * int(start))
                     for low in range(start, end, COPY_TOKENS):
-                        tokens = stream[low : min(low + COPY_TOKENS, end)]
+                        count = min(COPY_TOKENS, end - low)
+                        tokens = np.frombuffer(stream.read(2 * count), dtype=np.uint16)
                         out.write(tokens)
                         text_bytes += int(byte_lengths[tokens].sum())
                         progress.update(len(tokens))
