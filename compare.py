@@ -1,0 +1,193 @@
+"""The controlled study: MLA against MHA and GQA (and MLA without query compression), trained the same way.
+
+    python compare.py --data-dir data/shakespeare --preset shakespeare --out-dir out/study
+    python compare.py --data-dir data/tiny --preset tiny --max-iters 50 --out-dir out/study-tiny
+
+Every variant trains on the same data with the same seed, tokens, optimiser and schedule (train.py's defaults
+plus the flags given here), is evaluated on the whole val split (test.py's evaluate, on best.pt), and benchmarked
+(test.py's benchmark: decode at --bench-context, batch 1, float32). The study writes OUT/study.md (a markdown table)
+and OUT/study.json. Each run lives in OUT/<variant>-seed<seed>/ and checkpoints as it trains, so running the same
+command again resumes where it stopped and skips what is done.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import tokenizer
+from checkpoint import load_checkpoint, model_from_checkpoint
+from cli import CLIError, run
+from data_prepare import PreparedData
+from model import Transformer, cache_nbytes
+from model_config import PRESETS, ModelConfig
+from test import benchmark, evaluate
+from train import TrainConfig, train
+
+# variant -> model overrides. "mla-no-q" is MLA without query compression, as in DeepSeek-V2-Lite.
+VARIANTS = {"mla": {"attention": "mla"}, "mla-no-q": {"attention": "mla", "q_lora_rank": 0},
+            "mha": {"attention": "mha"}, "gqa": {"attention": "gqa"}}
+COLUMNS = {  # key -> (heading, format)
+    "variant": ("variant", "{}"), "seed": ("seed", "{}"),
+    "params_non_embedding": ("params (non-emb)", "{:,}"), "params_total": ("params (total)", "{:,}"),
+    "val_loss": ("val loss (nats/token)", "{:.4f}"), "nats_per_char": ("nats/char", "{:.4f}"),
+    "bits_per_byte": ("bits/byte", "{:.4f}"), "kv_cache_bytes_per_token_bf16": ("KV cache B/token (bf16)", "{:,}"),
+    "train_tokens_per_sec": ("train tok/s", "{:,.0f}"), "decode_tokens_per_sec": ("decode tok/s @ctx", "{:,.1f}"),
+    "wall_seconds": ("wall time (s)", "{:,.0f}"),
+}
+
+
+def run_variant(name: str, mc: ModelConfig, tc: TrainConfig, bench_context: int) -> dict:
+    """Train (or resume, or skip when done), evaluate and benchmark one variant -> its row of the table."""
+    run_dir = Path(tc.out_dir)
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    tc = replace(tc, resume=(run_dir / "ckpt.pt").exists())
+    wall_seconds = timed_training(tc, mc, run_dir / "wall_seconds.json")
+    model = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
+    data = PreparedData(tc.data_dir)
+    scores = evaluate(model, data, "val", mc.block_size, batch_size=8, device="cpu")
+    row = {"variant": name, "seed": tc.seed,
+           "params_non_embedding": mc.non_embedding_params(), "params_total": mc.num_params(),
+           "val_loss": scores["loss"], "nats_per_char": scores["loss"] * scores["tokens"] / val_characters(data),
+           "bits_per_byte": scores["bits_per_byte"], "kv_cache_bytes_per_token_bf16": cache_bytes_per_token(model),
+           "train_tokens_per_sec": training_tokens_per_sec(run_dir / "metrics.jsonl"),
+           "decode_tokens_per_sec": decode_tokens_per_sec(mc, bench_context), "wall_seconds": wall_seconds,
+           "val_tokens": scores["tokens"]}
+    write_json_atomic(result_path, row)
+    return row
+
+
+def timed_training(tc: TrainConfig, mc: ModelConfig, clock_path: Path) -> float:
+    """Train, adding this call's seconds to those recorded in clock_path by earlier, interrupted calls.
+    Returns the run's total; a run stopped by a signal ends the study (exit 128 + signal)."""
+    earlier = json.loads(clock_path.read_text())["seconds"] if clock_path.exists() else 0.0
+    start = time.perf_counter()
+    stopped_by = train(tc, mc)
+    total = earlier + time.perf_counter() - start
+    write_json_atomic(clock_path, {"seconds": total})
+    if stopped_by:
+        raise SystemExit(128 + stopped_by)
+    return total
+
+
+def val_characters(data: PreparedData) -> int:
+    """Unicode characters of the val split's text: its UTF-8 bytes less the continuation bytes (0b10xxxxxx)."""
+    tokens = np.asarray(data.tokens("val"))
+    tok = tokenizer.Tokenizer()
+    chars = 0
+    for start in range(0, len(tokens), 1 << 20):
+        chunk = tokens[start:start + (1 << 20)]
+        text = np.frombuffer(tok.decode_bytes(chunk[chunk != data.eot_id].tolist()), dtype=np.uint8)
+        chars += int(((text & 0xC0) != 0x80).sum())
+    return chars
+
+
+def cache_bytes_per_token(model: Transformer) -> int:
+    """Bytes per token of a real bfloat16 decode cache of the model."""
+    capacity = 16
+    return cache_nbytes(model.make_cache(1, capacity, dtype=torch.bfloat16)) // capacity
+
+
+def training_tokens_per_sec(metrics_path: Path) -> float:
+    """Median training throughput over the run's logged windows (evaluation and saving excluded)."""
+    lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    return statistics.median(r["tokens_per_sec"] for r in lines if "loss" in r and r.get("tokens_per_sec"))
+
+
+def decode_tokens_per_sec(mc: ModelConfig, context: int) -> float:
+    """Absorbed-cache decode throughput (MLA) or K/V-cache decode (MHA, GQA) at one context, batch 1."""
+    rows = benchmark(mc, contexts=[context], batches=[1], device="cpu", dtype=torch.float32)
+    wanted = "mla absorbed" if mc.attention == "mla" else mc.attention
+    return next(r["decode_tokens_per_s"] for r in rows if r["attention"] == wanted)
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """One row per variant with each number averaged over seeds, and the val-loss spread between its seeds."""
+    out = []
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        group = [r for r in rows if r["variant"] == name]
+        mean = {k: statistics.mean(r[k] for r in group) for k in COLUMNS if k not in ("variant", "seed")}
+        spread = max(r["val_loss"] for r in group) - min(r["val_loss"] for r in group)
+        out.append({**mean, "variant": name, "seed": "mean", "val_loss_seed_spread": spread})
+    return out
+
+
+def markdown(rows: list[dict], context: int) -> str:
+    headings = [heading.replace("@ctx", f"@{context}") for heading, _ in COLUMNS.values()]
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = [fmt.format(r[k]) if not isinstance(r[k], str) else r[k] for k, (_, fmt) in COLUMNS.items()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="data/shakespeare")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="shakespeare")
+    p.add_argument("--out-dir", default="out/study")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
+    p.add_argument("--bench-context", type=int, default=2048, help="context of the decode benchmark")
+    p.add_argument("--max-iters", type=int, help="override train.py's default")
+    p.add_argument("--eval-interval", type=int, help="override train.py's default")
+    p.add_argument("--eval-iters", type=int, help="override train.py's default")
+    return p.parse_args(argv)
+
+
+def study_configs(args) -> dict[tuple[str, int], tuple[ModelConfig, TrainConfig]]:
+    """(variant, seed) -> the run's configs, all built (and so checked) before anything trains."""
+    train_overrides = {k: getattr(args, k) for k in ("max_iters", "eval_interval", "eval_iters")
+                       if getattr(args, k) is not None}
+    try:
+        base = TrainConfig(data_dir=args.data_dir, **train_overrides)
+        models = {name: ModelConfig.from_preset(args.preset, **VARIANTS[name]) for name in args.variants}
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if args.bench_context < 2:
+        raise CLIError(f"--bench-context must be at least 2, got {args.bench_context}")
+    return {(name, seed): (models[name], replace(base, seed=seed, out_dir=str(Path(args.out_dir) / f"{name}-seed{seed}")))
+            for seed in args.seeds for name in args.variants}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runs = study_configs(args)
+    PreparedData(args.data_dir)  # fail now, not after the first run, if the data is missing
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for (name, seed), (mc, tc) in runs.items():
+        print(f"== {name}, seed {seed}")
+        rows.append(run_variant(name, mc, tc, args.bench_context))
+    table = rows + summary_rows(rows) if len(args.seeds) > 1 else rows
+    write_json_atomic(out / "study.json", {"preset": args.preset, "data_dir": args.data_dir,
+                                           "bench_context": args.bench_context, "seeds": args.seeds,
+                                           "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                           "rows": table})
+    write_text_atomic(out / "study.md", markdown(table, args.bench_context))
+    print(markdown(table, args.bench_context))
+
+
+if __name__ == "__main__":
+    run(main)
