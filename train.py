@@ -19,7 +19,7 @@ import sys
 import time
 import types
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +63,18 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate, reached after warmup_iters
     min_lr: float = 1e-4  # the cosine decays to this at lr_decay_iters and stays there
     warmup_iters: int = 50
-    lr_decay_iters: int | None = None  # None: max_iters
+    lr_decay_iters: int | None = field(default=None, metadata={"help": "None: max_iters"})
     weight_decay: float = 0.1  # on matrices only
     eval_interval: int = 100  # evaluate, save ckpt.pt (and best.pt when val improves) every this many steps
     eval_iters: int = 10  # batches per split per evaluation
     log_interval: int = 10  # steps between lines in metrics.jsonl
     seed: int = 1337
-    device: str = "auto"  # cuda, then mps, then cpu
-    dtype: str = "auto"  # bfloat16 autocast on CUDA that supports it, else float16 with loss scaling; float32 elsewhere
-    compile: bool | None = None  # None: torch.compile on CUDA only
-    peak_flops: float | None = None  # per device, for MFU; None: from GPU_PEAK_FLOPS on CUDA, no MFU on CPU/MPS
+    device: str = field(default="auto", metadata={"help": "auto: cuda, then mps, then cpu"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto: bfloat16 autocast on CUDA that supports it, else float16 with loss scaling; float32 elsewhere"})
+    compile: bool | None = field(default=None, metadata={"help": "None: torch.compile on CUDA only"})
+    peak_flops: float | None = field(default=None, metadata={
+        "help": "peak FLOP/s of one device, for MFU; None: the datasheet table on CUDA, no MFU on CPU and MPS"})
     resume: bool = False
 
     def __post_init__(self):
@@ -253,7 +255,7 @@ class MetricsLog:
         self.path = path
         kept = []
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [line for line in path.read_text().splitlines() if logged_step(line) <= resume_step]
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
@@ -263,26 +265,32 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line cut short by a crash, so that it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
     """Train and val loss against step, when matplotlib is installed; nothing otherwise."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
     except ImportError:
         return
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label in ((train, "train (logged mean)"), (val, "val")):
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for points, label, style in ((train, "train (mean since the previous line)", "-"), (val, "val", "o-")):
         if points:
-            ax.plot(*zip(*points), label=label)
+            ax.plot(*zip(*points), style, label=label)
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=png_path.parent.name)
     ax.legend()
     tmp = png_path.with_name(f".{png_path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
     os.replace(tmp, png_path)
 
 
@@ -349,7 +357,8 @@ class Trainer:
 
     def restore(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved without float16 loss scaling
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.best_val_loss, self.tokens_seen = ckpt["step"], ckpt["best_val_loss"], ckpt["tokens_seen"]
         self.resume_note = f"resuming from {self.out / 'ckpt.pt'} at step {self.step}"
         if len(ckpt["rng"]) == self.world_size:
@@ -538,7 +547,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
                         help="model preset (default: shakespeare, or the checkpoint's model with --resume)")
-    add_flags(parser, TrainConfig, "training", lambda f: f"default: {f.default}")
+    add_flags(parser, TrainConfig, "training", lambda f: "; ".join([f"default: {f.default}", *f.metadata.values()]))
     add_flags(parser, ModelConfig, "model (override the preset)", lambda f: "default: from the preset")
     return parser.parse_args(argv)
 

@@ -67,8 +67,7 @@ class Contender:
         synchronize(self.device)
         start = time.perf_counter()
         for _ in range(n):
-            loss = train_step(self.step_model, self.optimizer, self.scaler, self.next_batch, 1, 1e-4, self.autocast)
-        loss.item()
+            train_step(self.step_model, self.optimizer, self.scaler, self.next_batch, 1, 1e-4, self.autocast)
         synchronize(self.device)
         return time.perf_counter() - start
 
@@ -111,7 +110,7 @@ def main():
 
     matmul = statistics.median(matmul)
     peak = args.peak_flops or (device_peak_flops(device, None) if device_type == "cuda" else matmul)
-    name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
     print(f"device: {name}; torch {torch.__version__}; dtype {str(dtype).removeprefix('torch.')}; "
           f"compile {args.compile}")
     print(f"float32 4096^3 matmul: {matmul / 1e9:,.1f} GFLOP/s measured; peak used for MFU: "

@@ -28,7 +28,7 @@ from data_prepare import PreparedData
 from model import Transformer
 from model_config import ModelConfig
 import train as train_module
-from train import TrainConfig, lr_at, make_optimizer, train, train_step
+from train import MetricsLog, TrainConfig, lr_at, make_optimizer, train, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -165,6 +165,17 @@ def test_best_checkpoint_holds_the_lowest_val_loss(straight_run):
     assert best["best_val_loss"] == lowest["val_loss"] == evals[-1]["best_val_loss"] and best["step"] == lowest["step"]
 
 
+def test_loss_curve_is_drawn_when_matplotlib_is_installed(straight_run):
+    try:
+        import matplotlib  # noqa: F401
+        installed = True
+    except ImportError:
+        installed = False
+    png = straight_run / "loss.png"
+    assert png.exists() == installed
+    assert not installed or png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
 def test_resume_is_bitwise_exact(tmp_path, byte_data, straight_run):
     """10 steps, then resumed to 20: the same weights, optimiser, RNG states, best.pt and log as 20 straight."""
     assert train(run_config(tmp_path, byte_data, max_iters=10), TINY) == 0
@@ -195,6 +206,7 @@ def test_sigterm_saves_and_resume_is_bitwise_exact(tmp_path, byte_data, straight
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, byte_data, straight_run, monkeypatch):
     shutil.copytree(straight_run, tmp_path, dirs_exist_ok=True)
     before = (tmp_path / "ckpt.pt").read_bytes()
+    files = sorted(p.name for p in tmp_path.iterdir())
 
     def save_part_then_fail(obj, f, *args, **kwargs):
         f.write(before[: len(before) // 2])
@@ -206,7 +218,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, byte_data, s
     monkeypatch.undo()
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 20
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "ckpt.pt", "metrics.jsonl"]  # no temp file
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # no temp file left
 
 
 def test_nan_loss_stops_without_touching_checkpoints(tmp_path, byte_data, straight_run, monkeypatch):
@@ -222,6 +234,16 @@ def test_nan_loss_stops_without_touching_checkpoints(tmp_path, byte_data, straig
     with pytest.raises(CLIError, match="training loss became nan between steps 21 and 25"):
         train(run_config(tmp_path, byte_data, max_iters=30, resume=True), TINY)
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_metrics_log_keeps_the_lines_up_to_the_resumed_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "loss": 3.0}\n{"step": 10, "loss": 2.0}\n{"step": 15, "loss": 1.0}\n{"step": 20, "lo')
+    MetricsLog(path, resume_step=10).write(step=11, loss=1.5)  # the last line was cut short by a crash
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 5, "loss": 3.0}, {"step": 10, "loss": 2.0}, {"step": 11, "loss": 1.5}]
+    MetricsLog(path, resume_step=None)  # a fresh run starts it empty
+    assert path.read_text() == ""
 
 
 def test_resuming_another_model_names_the_fields(tmp_path, byte_data, straight_run):
