@@ -184,6 +184,14 @@ def test_resume_is_bitwise_exact(tmp_path, byte_data, straight_run):
     assert_same_run(tmp_path, straight_run, every_line=True)
 
 
+def test_evaluating_leaves_training_untouched(tmp_path, byte_data, straight_run):
+    """Evaluating at steps 0 and 20 only, instead of every 5 steps, changes nothing in the weights at step 20."""
+    assert train(run_config(tmp_path, byte_data, eval_interval=20), TINY) == 0
+    ours, straight = load_checkpoint(tmp_path / "ckpt.pt"), load_checkpoint(straight_run / "ckpt.pt")
+    for key in ("model", "optimizer", "rng"):
+        assert_same_state(ours[key], straight[key], key)
+
+
 def test_sigterm_saves_and_resume_is_bitwise_exact(tmp_path, byte_data, straight_run, monkeypatch):
     """SIGTERM during step 7 finishes that step, saves ckpt.pt and returns; resuming then ends where 20 straight
     steps do. (The first training line after the resume averages fewer steps, so only evaluations are compared.)"""
