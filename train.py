@@ -76,6 +76,9 @@ class TrainConfig:
     peak_flops: float | None = field(default=None, metadata={
         "help": "peak FLOP/s of one device, for MFU; None: the datasheet table on CUDA, no MFU on CPU and MPS"})
     resume: bool = False
+    init_from: str | None = field(default=None, metadata={
+        "help": "start a new run from this checkpoint's weights and model config (e.g. one convert_hf.py imported), "
+                "with a fresh optimiser at step 0"})
 
     def __post_init__(self):
         for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
@@ -240,6 +243,15 @@ def check_resumable(ckpt: dict, mc: ModelConfig, path: Path) -> None:
         raise CLIError(f"cannot resume from {path}: the model differs in " + ", ".join(diffs))
 
 
+def load_initial_weights(model: Transformer, path: str) -> None:
+    """Copy a checkpoint's weights into model; a different architecture is one line naming the first mismatch."""
+    try:
+        model.load_state_dict(load_checkpoint(path)["model"])
+    except RuntimeError as err:
+        detail = next(line.strip() for line in str(err).splitlines()[1:] if line.strip())
+        raise CLIError(f"cannot start from {path}: {detail}") from None
+
+
 def write_checkpoint(state: dict, path: Path) -> None:
     try:
         save_checkpoint(state, path)
@@ -343,6 +355,8 @@ class Trainer:
         self.step, self.best_val_loss, self.tokens_seen = 0, math.inf, 0
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
+        elif tc.init_from:
+            load_initial_weights(self.model, tc.init_from)
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, fused=device == "cuda")
         if ckpt is not None:
@@ -553,7 +567,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def configs_from_args(argv=None) -> tuple[TrainConfig, ModelConfig]:
-    """TrainConfig and ModelConfig from the command line; with --resume, from the checkpoint plus the flags given."""
+    """TrainConfig and ModelConfig from the command line; with --resume (or --init-from), the model config comes
+    from that checkpoint, and the flags given override it."""
     args = vars(parse_args(argv))
     train_names = {f.name for f in fields(TrainConfig)}
     train_flags = {k: v for k, v in args.items() if k in train_names}
@@ -566,6 +581,9 @@ def configs_from_args(argv=None) -> tuple[TrainConfig, ModelConfig]:
             saved = ckpt.get("train_config", {})
             tc = TrainConfig(**{k: v for k, v in saved.items() if k in train_names} | train_flags)
             base = ModelConfig.from_preset(preset) if preset else ModelConfig.from_dict(ckpt["model_config"])
+        elif train_flags.get("init_from") and not preset:
+            tc = TrainConfig(**train_flags)
+            base = ModelConfig.from_dict(load_checkpoint(tc.init_from)["model_config"])
         else:
             tc = TrainConfig(**train_flags)
             base = ModelConfig.from_preset(preset or "shakespeare")

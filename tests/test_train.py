@@ -372,3 +372,19 @@ def test_bad_input_is_one_line(case, tmp_path, byte_data, straight_run):
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_init_from_starts_a_fresh_run_from_the_checkpoint_weights(tmp_path, byte_data, straight_run):
+    """--init-from (fine-tuning, e.g. from a convert_hf.py import): model config and weights from the checkpoint,
+    model flags on top, step 0 and a fresh optimiser; another architecture is one line."""
+    source = straight_run / "best.pt"
+    tc, mc = train_module.configs_from_args(["--data-dir", str(byte_data), "--out-dir", str(tmp_path / "a"),
+                                             "--init-from", str(source), "--dropout", "0.2"])
+    assert mc == replace(TINY, dropout=0.2)
+    trainer = train_module.Trainer(tc, mc)
+    weights = load_checkpoint(source)["model"]
+    assert trainer.step == 0 and not trainer.optimizer.state
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+    with pytest.raises(CLIError, match="cannot start from .*size mismatch"):
+        train_module.Trainer(replace(tc, out_dir=str(tmp_path / "b")), replace(mc, ffn_hidden=2 * mc.ffn_hidden))
