@@ -3,12 +3,11 @@
 A checkpoint is a dict holding at least "format_version", "model" (a state dict) and "model_config" (a dict).
 train.py adds the optimiser, step and RNG states it needs to resume. Everything in it is a tensor, a number,
 a string, or a list/dict/tuple of those, so it loads with torch.load(weights_only=True)."""
-import os
 from pathlib import Path
 
 import torch
 
-from cli import CLIError
+from cli import CLIError, atomic_write
 from model import Transformer
 from model_config import ModelConfig
 
@@ -16,18 +15,10 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(state: dict, path) -> None:
-    """Write state plus the format version to path atomically: a temp file beside it, flushed, then renamed,
-    so a crash mid-write leaves any previous file at path intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({**state, "format_version": FORMAT_VERSION}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write state plus the format version to path atomically, so a crash mid-write leaves any previous file
+    at path intact."""
+    with atomic_write(path) as tmp:
+        torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
 
 
 def load_checkpoint(path) -> dict:

@@ -11,7 +11,6 @@ command again resumes where it stopped and skips what is done.
 """
 import argparse
 import json
-import os
 import statistics
 import time
 from dataclasses import replace
@@ -22,7 +21,7 @@ import torch
 
 import tokenizer
 from checkpoint import load_checkpoint, model_from_checkpoint
-from cli import CLIError, run
+from cli import CLIError, atomic_write, run
 from data_prepare import PreparedData
 from model import Transformer, cache_nbytes
 from model_config import PRESETS, ModelConfig
@@ -133,12 +132,8 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def parse_args(argv=None):

@@ -216,8 +216,8 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, byte_data, s
     before = (tmp_path / "ckpt.pt").read_bytes()
     files = sorted(p.name for p in tmp_path.iterdir())
 
-    def save_part_then_fail(obj, f, *args, **kwargs):
-        f.write(before[: len(before) // 2])
+    def save_part_then_fail(obj, path, *args, **kwargs):
+        Path(path).write_bytes(before[: len(before) // 2])
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", save_part_then_fail)
