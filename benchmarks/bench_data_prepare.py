@@ -1,0 +1,87 @@
+"""data_prepare.py's throughput and peak memory, against single-threaded tiktoken on the same text, in one run.
+
+  python benchmarks/bench_data_prepare.py [--size-mb 200]
+
+Writes a deterministic corpus (made-up words, Zipf-distributed, in lines and paragraphs) to a temporary
+directory, times tiktoken's encode_ordinary on it on one thread, then runs data_prepare.py on it as a
+subprocess with all cores and reads the subprocess's peak RSS and CPU time. Prints a markdown table; other
+jobs on the machine slow the multi-threaded run most, so it also shows how many cores data_prepare.py kept busy
+(its CPU seconds over wall-clock seconds).
+"""
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import tokenizer  # noqa: E402
+
+BASELINE_PIECE_CHARS = 1 << 20
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=int, default=200, help="corpus size in MB (default 200)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        write_corpus(corpus, args.size_mb * 10**6)
+        size_mb = corpus.stat().st_size / 10**6
+        single_s = time_single_thread(corpus)
+        prepare_s, prepare_cpu_s, peak_rss = run_data_prepare(corpus, Path(tmp) / "prepared")
+    print(f"| {size_mb:.0f} MB corpus | MB/s | cores busy | peak RSS |")
+    print("|---|---|---|---|")
+    print(f"| tiktoken encode_ordinary, 1 thread (encoding only) | {size_mb / single_s:.2f} | | |")
+    print(f"| data_prepare.py --workers {os.cpu_count()} (whole run, wall clock) | {size_mb / prepare_s:.2f} "
+          f"| {prepare_cpu_s / prepare_s:.2f} | {peak_rss / 10**6:.0f} MB |")
+    print(f"\nspeed-up over one thread: {single_s / prepare_s:.2f}x (goal >= 1.7x on 2 cores); "
+          f"peak RSS goal < 500 MB")
+
+
+def write_corpus(path: Path, size_bytes: int, seed: int = 0):
+    """Deterministic English-like text of about size_bytes: lines of Zipf-distributed made-up words."""
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "te", "vo", "an", "el", "is", "or", "th", "st", "ing", "er"]
+    vocabulary = np.array(["".join(rng.choice(syllables, size=rng.integers(1, 5))) for _ in range(20_000)])
+    vocabulary[rng.random(len(vocabulary)) < 0.1] += ","
+    weights = 1 / np.arange(1, len(vocabulary) + 1)
+    weights /= weights.sum()
+    written = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < size_bytes:
+            lines = vocabulary[rng.choice(len(vocabulary), size=(10_000, 12), p=weights)]
+            block = "\n".join(" ".join(line) for line in lines) + ".\n\n"
+            written += f.write(block)
+
+
+def time_single_thread(corpus: Path) -> float:
+    """Seconds tiktoken's encode_ordinary takes over the corpus, one thread, in pieces cut at line ends."""
+    tok = tokenizer.Tokenizer()
+    elapsed = 0.0
+    with open(corpus, encoding="utf-8") as f:
+        while piece := f.read(BASELINE_PIECE_CHARS) + f.readline():
+            start = time.perf_counter()
+            tok.encode(piece)
+            elapsed += time.perf_counter() - start
+    return elapsed
+
+
+def run_data_prepare(corpus: Path, out_dir: Path) -> tuple[float, float, int]:
+    """Wall-clock and CPU seconds of a data_prepare.py run on all cores, and its peak RSS in bytes."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "data_prepare.py"), "--input", str(corpus), "--out-dir", str(out_dir)],
+                   check=True, cwd=REPO)
+    elapsed = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024  # Linux reports ru_maxrss in KiB
+
+
+if __name__ == "__main__":
+    main()
