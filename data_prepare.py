@@ -106,7 +106,8 @@ def _fetch_shakespeare(path: Path) -> Path:
         except OSError as err:
             raise cli.CLIError(f"cannot download Tiny Shakespeare ({err}); pass your text with --input PATH") from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, data)
+        with cli.atomic_write(path) as temp:
+            temp.write_bytes(data)
     return path
 
 
@@ -375,16 +376,6 @@ def _token_byte_lengths(tok) -> np.ndarray:
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes):
-    """Write data to path through a temporary file renamed into place, so path is never half written."""
-    temp = path.with_name(f".{path.name}.tmp")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 class PreparedData:
