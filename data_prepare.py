@@ -136,13 +136,13 @@ def prepare(files: list[Path], out_dir: Path, tok: tokenizer.Tokenizer, val_frac
     Memory stays bounded whatever the corpus size: files are read CHUNK_BYTES at a time, and all documents'
     tokens stream into one temporary file; only each document's token count stays in memory (a few int64s per
     document). Once every count is known, the split is decided (exact token shares, documents kept whole) and
-    carried out by copying ranges of that file into the two split files.
+    carried out by copying ranges of that file into the split files; see _write_splits.
     """
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     temps = {name: out_dir / f".{name}.tmp" for name in ("tokens", *OUTPUTS)}
     try:
-        doc_tokens = _encode_documents(files, temps["tokens"], tok, workers)
+        doc_tokens, text_bytes = _encode_documents(files, temps["tokens"], tok, workers)
         ranges = _split_ranges(doc_tokens, val_fraction, seed)
         split_files = {split: temps[f"{split}.bin"] for split in SPLITS}
         meta = {
@@ -152,7 +152,7 @@ def prepare(files: list[Path], out_dir: Path, tok: tokenizer.Tokenizer, val_frac
             "eot_id": tokenizer.EOT_ID,
             "dtype": "uint16",
             "documents": len(doc_tokens),
-            "splits": _write_splits(temps["tokens"], split_files, ranges, tok),
+            "splits": _write_splits(temps["tokens"], split_files, ranges, text_bytes, tok),
             "split": {"val_fraction": val_fraction, "seed": seed},
             "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files],
         }
@@ -180,17 +180,22 @@ def _publish(temps: dict, out_dir: Path):
         raise
 
 
-def _encode_documents(files, stream_path: Path, tok, workers: int) -> np.ndarray:
-    """Tokenize every document into stream_path, each followed by the eot id; returns their token counts."""
+def _encode_documents(files, stream_path: Path, tok, workers: int) -> tuple[np.ndarray, int]:
+    """Tokenize every document into stream_path, each followed by the eot id.
+
+    Returns the documents' token counts and the UTF-8 bytes of all their text.
+    """
     total_bytes = sum(path.stat().st_size for path in files)
     progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None)
+    text_bytes = 0
     with open(stream_path, "wb") as f, progress:
         stream = _DocumentStream(f)
-        for ids, doc_end in _encode_pieces(_pieces(files, progress), tok, workers):
+        for ids, piece_bytes, doc_end in _encode_pieces(_pieces(files, progress), tok, workers):
             stream.write(ids, doc_end)
+            text_bytes += piece_bytes
     if not stream.doc_tokens:
         raise cli.CLIError("the inputs hold no text")
-    return np.frombuffer(stream.doc_tokens, dtype=np.int64)
+    return np.frombuffer(stream.doc_tokens, dtype=np.int64), text_bytes
 
 
 class _DocumentStream:
@@ -213,7 +218,7 @@ class _DocumentStream:
 
 
 def _encode_pieces(pieces, tok, workers: int):
-    """(token ids, doc_end) of each (text, doc_end) piece, in order, encoded on worker threads.
+    """(token ids, UTF-8 bytes, doc_end) of each (text, doc_end) piece, in order, encoded on worker threads.
 
     At most 2 * workers pieces are queued or being encoded at a time, which bounds memory; the calling thread
     reads, decodes and writes meanwhile.
@@ -221,12 +226,17 @@ def _encode_pieces(pieces, tok, workers: int):
     with ThreadPoolExecutor(workers) as pool:
         in_flight = collections.deque()
         for text, doc_end in pieces:
-            in_flight.append((pool.submit(tok.encode_to_numpy, text), doc_end))
+            in_flight.append((pool.submit(_encode, tok, text), doc_end))
             if len(in_flight) == 2 * workers:
                 future, end = in_flight.popleft()
-                yield future.result(), end
+                yield *future.result(), end
         for future, end in in_flight:
-            yield future.result(), end
+            yield *future.result(), end
+
+
+def _encode(tok, text: str) -> tuple[np.ndarray, int]:
+    """text's token ids and its UTF-8 bytes."""
+    return tok.encode_to_numpy(text), len(text.encode())
 
 
 def _pieces(files, progress):
@@ -342,28 +352,46 @@ def _split_ranges(doc_tokens: np.ndarray, val_fraction: float, seed: int) -> dic
     return {"train": (starts[~in_val], ends[~in_val]), "val": (starts[in_val], ends[in_val])}
 
 
-def _write_splits(stream_path: Path, split_paths: dict, ranges: dict, tok) -> dict:
-    """Copy each split's token ranges out of the token stream into its file; returns each split's counts.
+def _write_splits(stream_path: Path, split_paths: dict, ranges: dict, text_bytes: int, tok) -> dict:
+    """Write each split's token ranges of the token stream into its file; returns each split's counts.
+
+    Val's ranges are copied out, summing their tokens' UTF-8 bytes. If train's one range is the start of the
+    stream (always so for one document), the stream itself, cut to that length, becomes train's file, and its
+    text bytes are the rest of text_bytes (all the text's): the same sum, as tokens carry whole bytes, even when
+    the cut falls among one character's bytes. Otherwise train's ranges are copied too.
+    """
+    byte_lengths = _token_byte_lengths(tok)
+    tokens = {split: int((ends - starts).sum()) for split, (starts, ends) in ranges.items()}
+    train_starts, _ = ranges["train"]
+    in_place = len(train_starts) == 1 and train_starts[0] == 0
+    to_copy = ["val"] if in_place else ["val", "train"]
+    progress = tqdm(total=sum(tokens[split] for split in to_copy), unit="tok", unit_scale=True, desc="splitting",
+                    disable=None)
+    with open(stream_path, "rb") as stream, progress:
+        split_bytes = {split: _copy_ranges(stream, *ranges[split], split_paths[split], byte_lengths, progress)
+                       for split in to_copy}
+    if in_place:
+        os.truncate(stream_path, 2 * tokens["train"])
+        os.replace(stream_path, split_paths["train"])
+        split_bytes["train"] = text_bytes - split_bytes["val"]
+    return {split: {"tokens": tokens[split], "text_bytes": split_bytes[split]} for split in SPLITS}
+
+
+def _copy_ranges(stream, starts, ends, path: Path, byte_lengths, progress) -> int:
+    """Copy the token ranges [starts, ends) of stream to a new file at path; returns their text's UTF-8 bytes.
 
     Plain reads rather than a memory map, whose pages would count towards the process's memory.
     """
-    byte_lengths = _token_byte_lengths(tok)
-    counts = {}
-    progress = tqdm(total=stream_path.stat().st_size // 2, unit="tok", unit_scale=True, desc="splitting", disable=None)
-    with open(stream_path, "rb") as stream, progress:
-        for split, (starts, ends) in ranges.items():
-            text_bytes = 0
-            with open(split_paths[split], "wb") as out:
-                for start, end in zip(starts, ends):
-                    stream.seek(2 * int(start))
-                    for low in range(start, end, COPY_TOKENS):
-                        count = min(COPY_TOKENS, end - low)
-                        tokens = np.frombuffer(stream.read(2 * count), dtype=np.uint16)
-                        out.write(tokens)
-                        text_bytes += int(byte_lengths[tokens].sum())
-                        progress.update(len(tokens))
-            counts[split] = {"tokens": int((ends - starts).sum()), "text_bytes": text_bytes}
-    return counts
+    text_bytes = 0
+    with open(path, "wb") as out:
+        for start, end in zip(starts, ends):
+            stream.seek(2 * int(start))
+            for low in range(start, end, COPY_TOKENS):
+                tokens = np.frombuffer(stream.read(2 * min(COPY_TOKENS, end - low)), dtype=np.uint16)
+                out.write(tokens)
+                text_bytes += int(byte_lengths[tokens].sum())
+                progress.update(len(tokens))
+    return text_bytes
 
 
 def _token_byte_lengths(tok) -> np.ndarray:

@@ -199,6 +199,20 @@ def test_meta_json_matches_the_files(shakespeare):
     assert sorted(p.name for p in shakespeare.data_dir.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
+def test_one_document_cut_inside_a_character_splits_its_bytes(tok, tmp_path):
+    """The cut at a token position can fall among one character's byte tokens: each split counts its bytes."""
+    corpus = tmp_path / "in.txt"
+    corpus.write_text("\ua66e" * 34, encoding="utf-8")  # 3 byte tokens each: 102 tokens, the last 10 go to val
+    prepare("--input", corpus, "--out-dir", tmp_path / "out")
+    data = PreparedData(tmp_path / "out")
+    train = tok.decode_bytes(np.asarray(data.tokens("train")).tolist())
+    val = tok.decode_bytes(np.asarray(data.tokens("val"))[:-1].tolist())
+    with pytest.raises(UnicodeDecodeError):
+        train.decode("utf-8")  # the cut is inside a character
+    assert train + val == corpus.read_bytes()
+    assert (data.text_bytes("train"), data.text_bytes("val")) == (len(train), len(val))
+
+
 # ---- many documents -----------------------------------------------------------------------------
 
 def write_corpus(root: Path) -> tuple[list[Path], list[str]]:
