@@ -28,6 +28,7 @@ from data_prepare import PreparedData
 from model import Transformer, cache_nbytes
 from model_config import PRESETS, ModelConfig
 from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, add_argument as add_tokenizer_argument
+from train import keep_freed_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -321,6 +322,8 @@ def resolve_device(name: str) -> torch.device:
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if args.bench:
         return bench_command(args, device)
     if args.ckpt is None:

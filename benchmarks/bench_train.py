@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cli import CLIError, run  # noqa: E402
 from model import Transformer  # noqa: E402
 from model_config import ATTENTION_KINDS, PRESETS, ModelConfig  # noqa: E402
-from train import device_peak_flops, make_optimizer, pick_device, pick_dtype, train_step  # noqa: E402
+from train import device_peak_flops, keep_freed_memory, make_optimizer, pick_device, pick_dtype, train_step  # noqa: E402
 
 
 def matmul_flops(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,6 +96,8 @@ def main():
     args.compile = device_type == "cuda" if args.compile is None else args.compile
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")
+    else:
+        keep_freed_memory()  # as train.py does
 
     contenders = {kind: Contender(ModelConfig.from_preset(args.preset, attention=kind), args, device, dtype)
                   for kind in ATTENTION_KINDS}
