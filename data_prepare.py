@@ -142,7 +142,8 @@ def prepare(files: list[Path], out_dir: Path, tok: tokenizer.Tokenizer, val_frac
     out_dir.mkdir(parents=True, exist_ok=True)
     temps = {name: out_dir / f".{name}.tmp" for name in ("tokens", *OUTPUTS)}
     try:
-        doc_tokens, text_bytes = _encode_documents(files, temps["tokens"], tok, workers)
+        digests = [hashlib.sha256() for _ in files]
+        doc_tokens, text_bytes = _encode_documents(files, digests, temps["tokens"], tok, workers)
         ranges = _split_ranges(doc_tokens, val_fraction, seed)
         split_files = {split: temps[f"{split}.bin"] for split in SPLITS}
         meta = {
@@ -154,7 +155,8 @@ def prepare(files: list[Path], out_dir: Path, tok: tokenizer.Tokenizer, val_frac
             "documents": len(doc_tokens),
             "splits": _write_splits(temps["tokens"], split_files, ranges, text_bytes, tok),
             "split": {"val_fraction": val_fraction, "seed": seed},
-            "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files],
+            "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": digest.hexdigest()}
+                        for p, digest in zip(files, digests)],
         }
         temps["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
         _publish(temps, out_dir)
@@ -180,8 +182,8 @@ def _publish(temps: dict, out_dir: Path):
         raise
 
 
-def _encode_documents(files, stream_path: Path, tok, workers: int) -> tuple[np.ndarray, int]:
-    """Tokenize every document into stream_path, each followed by the eot id.
+def _encode_documents(files, digests, stream_path: Path, tok, workers: int) -> tuple[np.ndarray, int]:
+    """Tokenize every document into stream_path, each followed by the eot id; hash each file into its digest.
 
     Returns the documents' token counts and the UTF-8 bytes of all their text.
     """
@@ -190,7 +192,7 @@ def _encode_documents(files, stream_path: Path, tok, workers: int) -> tuple[np.n
     text_bytes = 0
     with open(stream_path, "wb") as f, progress:
         stream = _DocumentStream(f)
-        for ids, piece_bytes, doc_end in _encode_pieces(_pieces(files, progress), tok, workers):
+        for ids, piece_bytes, doc_end in _encode_pieces(_pieces(files, digests, progress), tok, workers):
             stream.write(ids, doc_end)
             text_bytes += piece_bytes
     if not stream.doc_tokens:
@@ -239,10 +241,10 @@ def _encode(tok, text: str) -> tuple[np.ndarray, int]:
     return tok.encode_to_numpy(text), len(text.encode())
 
 
-def _pieces(files, progress):
+def _pieces(files, digests, progress):
     """(text, doc_end) pieces of about CHUNK_BYTES of every document in order; doc_end marks a document's last."""
-    for path in files:
-        blocks = _read_blocks(path, progress)
+    for path, digest in zip(files, digests):
+        blocks = _read_blocks(path, digest, progress)
         if path.name.endswith(JSONL_SUFFIXES):
             for text in _jsonl_texts(path, blocks):
                 yield from _safe_pieces(text[i : i + CHUNK_BYTES] for i in range(0, len(text), CHUNK_BYTES))
@@ -270,20 +272,34 @@ def _safe_pieces(blocks):
     yield pending, True
 
 
-def _read_blocks(path: Path, progress):
-    """The file's bytes, decompressed if .gz, in CHUNK_BYTES blocks. Rejects NUL; adds disk bytes to progress."""
-    offset = done = 0
-    with open(path, "rb") as raw, gzip.open(raw) if path.suffix == ".gz" else contextlib.nullcontext(raw) as stream:
-        try:
-            while block := stream.read(CHUNK_BYTES):
-                if (nul := block.find(b"\0")) >= 0:
-                    raise cli.CLIError(f"{path}: NUL at byte {offset + nul}: a binary file, not text")
-                yield block
-                offset += len(block)
-                progress.update(raw.tell() - done)
-                done = raw.tell()
-        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-            raise cli.CLIError(f"{path}: corrupt gzip data ({err})") from None
+def _read_blocks(path: Path, digest, progress):
+    """The file's bytes, decompressed if .gz, in CHUNK_BYTES blocks. Rejects NUL. The bytes as on disk go to
+    digest (one read serves hashing and tokenizing) and their count to progress."""
+    offset = 0
+    with open(path, "rb") as file:
+        disk = _HashingReader(file, digest, progress)
+        with gzip.open(disk) if path.suffix == ".gz" else contextlib.nullcontext(disk) as stream:
+            try:
+                while block := stream.read(CHUNK_BYTES):
+                    if (nul := block.find(b"\0")) >= 0:
+                        raise cli.CLIError(f"{path}: NUL at byte {offset + nul}: a binary file, not text")
+                    yield block
+                    offset += len(block)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+                raise cli.CLIError(f"{path}: corrupt gzip data ({err})") from None
+
+
+class _HashingReader:
+    """A binary file whose read() also feeds what it returns to a hash and counts its bytes in a progress bar."""
+
+    def __init__(self, file, digest, progress):
+        self.file, self.digest, self.progress = file, digest, progress
+
+    def read(self, size=-1) -> bytes:
+        data = self.file.read(size)
+        self.digest.update(data)
+        self.progress.update(len(data))
+        return data
 
 
 def _decode_utf8(path: Path, blocks):
@@ -399,11 +415,6 @@ def _token_byte_lengths(tok) -> np.ndarray:
     lengths = np.array([len(tok.decode_bytes([i])) for i in range(tokenizer.VOCAB_SIZE)])
     lengths[tokenizer.EOT_ID] = 0
     return lengths
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class PreparedData:

@@ -255,6 +255,20 @@ def test_many_documents_round_trip_whole_documents(tok, tmp_path, monkeypatch):
     assert {split: (out / f"{split}.bin").read_bytes() for split in ("train", "val")} == before
 
 
+def test_gzip_source_hash_covers_every_byte_on_disk(tok, tmp_path, monkeypatch):
+    """Two gzip members and zero padding after them: the text is both members', the sha256 the whole file's."""
+    monkeypatch.setattr(data_prepare, "CHUNK_BYTES", 7)
+    text = random_text(4, 60)
+    half = len(text) // 2
+    path = tmp_path / "two.txt.gz"
+    path.write_bytes(gzip.compress(text[:half].encode()) + gzip.compress(text[half:].encode()) + bytes(100))
+    prepare("--input", path, "--out-dir", tmp_path / "out")
+    data = PreparedData(tmp_path / "out")
+    tokens = np.concatenate([data.tokens("train"), data.tokens("val")])
+    assert documents(tokens, tok) == [text]
+    assert data.meta["sources"][0]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_existing_prepared_dir_needs_force(tok, tmp_path):
     corpus = tmp_path / "in.txt"
     corpus.write_text(random_text(3, 100))
