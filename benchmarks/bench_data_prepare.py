@@ -3,8 +3,9 @@
   python benchmarks/bench_data_prepare.py [--size-mb 200] [--rounds 3]
 
 Writes a deterministic corpus (made-up words, Zipf-distributed, in lines and paragraphs) to a temporary
-directory. Each round times tiktoken's encode_ordinary on it on one thread, then runs data_prepare.py on it as a
-subprocess with all cores and reads the subprocess's peak RSS and CPU time. The two take turns, so that a slow
+directory. Each round times tiktoken's encode_ordinary on it on one thread; then tiktoken alone on all cores (the
+text read into memory first: the most data_prepare.py could reach on this machine at that moment); then runs
+data_prepare.py on it as a subprocess with all cores and reads the subprocess's peak RSS and CPU time. The two take turns, so that a slow
 spell of a shared machine hits both alike; the round with the median speed-up is reported, with the range of
 speed-ups. It also shows how many cores data_prepare.py kept busy (its CPU seconds over wall-clock seconds).
 """
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +37,21 @@ def main():
         corpus = Path(tmp) / "corpus.txt"
         write_corpus(corpus, args.size_mb * 10**6)
         size_mb = corpus.stat().st_size / 10**6
-        rounds = [(time_single_thread(corpus), *run_data_prepare(corpus, Path(tmp) / f"prepared{i}"))
-                  for i in range(args.rounds)]
+        rounds = [(time_single_thread(corpus), *run_data_prepare(corpus, Path(tmp) / f"prepared{i}"),
+                   time_all_threads(corpus)) for i in range(args.rounds)]
     rounds.sort(key=lambda r: r[0] / r[1])  # by speed-up: single-thread seconds over data_prepare's
-    single_s, prepare_s, prepare_cpu_s, peak_rss = rounds[len(rounds) // 2]
+    single_s, prepare_s, prepare_cpu_s, peak_rss, threads_s = rounds[len(rounds) // 2]
     print(f"| {size_mb:.0f} MB corpus, median of {args.rounds} rounds | MB/s | cores busy | peak RSS |")
     print("|---|---|---|---|")
     print(f"| tiktoken encode_ordinary, 1 thread (encoding only) | {size_mb / single_s:.2f} | | |")
+    print(f"| tiktoken encode_to_numpy, {os.cpu_count()} threads (encoding only, text in memory) "
+          f"| {size_mb / threads_s:.2f} | | |")
     print(f"| data_prepare.py --workers {os.cpu_count()} (whole run, wall clock) | {size_mb / prepare_s:.2f} "
           f"| {prepare_cpu_s / prepare_s:.2f} | {peak_rss / 10**6:.0f} MB |")
     print(f"\nspeed-up over one thread: {single_s / prepare_s:.2f}x (goal >= 1.7x on 2 cores; rounds "
           f"{', '.join(f'{r[0] / r[1]:.2f}x' for r in rounds)}); peak RSS goal < 500 MB")
+    print(f"tiktoken alone on {os.cpu_count()} threads in the same rounds: "
+          f"{', '.join(f'{r[0] / r[4]:.2f}x' for r in rounds)}")
 
 
 def write_corpus(path: Path, size_bytes: int, seed: int = 0):
@@ -64,16 +70,34 @@ def write_corpus(path: Path, size_bytes: int, seed: int = 0):
             written += f.write(block)
 
 
-def time_single_thread(corpus: Path) -> float:
-    """Seconds tiktoken's encode_ordinary takes over the corpus, one thread, in pieces cut at line ends."""
-    tok = tokenizer.Tokenizer()
-    elapsed = 0.0
+def read_pieces(corpus: Path):
+    """The corpus's text in pieces of about BASELINE_PIECE_CHARS, cut at line ends."""
     with open(corpus, encoding="utf-8") as f:
         while piece := f.read(BASELINE_PIECE_CHARS) + f.readline():
-            start = time.perf_counter()
-            tok.encode(piece)
-            elapsed += time.perf_counter() - start
+            yield piece
+
+
+def time_single_thread(corpus: Path) -> float:
+    """Seconds tiktoken's encode_ordinary takes over the corpus, one thread."""
+    tok = tokenizer.Tokenizer()
+    elapsed = 0.0
+    for piece in read_pieces(corpus):
+        start = time.perf_counter()
+        tok.encode(piece)
+        elapsed += time.perf_counter() - start
     return elapsed
+
+
+def time_all_threads(corpus: Path) -> float:
+    """Seconds tiktoken's encode_to_numpy takes over the corpus's pieces on one thread per core, all of the
+    text read into memory beforehand: tokenizing alone, with nothing else to do."""
+    tok = tokenizer.Tokenizer()
+    pieces = list(read_pieces(corpus))
+    start = time.perf_counter()
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for _ in pool.map(tok.encode_to_numpy, pieces):
+            pass
+    return time.perf_counter() - start
 
 
 def run_data_prepare(corpus: Path, out_dir: Path) -> tuple[float, float, int]:
