@@ -58,7 +58,7 @@ GPU_PEAK_FLOPS = (
 class TrainConfig:
     data_dir: str = "data/shakespeare"
     out_dir: str = "out/shakespeare"
-    max_iters: int = 500  # optimiser steps
+    max_iters: int = 400  # optimiser steps
     batch_size: int = 16  # sequences per micro-step, per process
     grad_accum: int = 1  # micro-steps per optimiser step
     lr: float = 1e-3  # peak learning rate, reached after warmup_iters
