@@ -6,6 +6,7 @@ Most runs use a prepared data dir in data_prepare.py's format whose tokens are t
 import itertools
 import json
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -116,6 +117,34 @@ def assert_same_run(resumed: Path, straight: Path, every_line: bool):
 
 
 # ---- schedule and optimiser --------------------------------------------------------------------
+
+FAULTS_OF_A_FRESH_BLOCK = """
+import resource, torch
+from train import keep_freed_memory
+
+def faults_of_a_second_allocation():
+    torch.empty(100 << 20, dtype=torch.uint8).fill_(1)  # allocated, touched, freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(100 << 20, dtype=torch.uint8).fill_(1)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+print(faults_of_a_second_allocation())
+keep_freed_memory()
+faults_of_a_second_allocation()  # the first block after the change still comes fresh from the kernel
+print(faults_of_a_second_allocation())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc only")
+def test_keep_freed_memory_reuses_a_freed_block_without_page_faults():
+    """A freed 100 MB block is unmapped by default, so the next one faults in all of its 25,600 pages again;
+    after keep_freed_memory() it is reused. In a fresh process, as the setting lasts for the process."""
+    out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_FRESH_BLOCK], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout.split()
+    default_faults, kept_faults = map(int, out)
+    assert default_faults > 20_000
+    assert kept_faults < 1_000
+
 
 def test_lr_schedule_matches_torch_schedulers():
     """Linear warmup then cosine decay, against torch's LinearLR + CosineAnnealingLR; min_lr after the horizon."""
