@@ -23,9 +23,10 @@ import tokenizer
 from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import CLIError, atomic_write, run
 from data_prepare import PreparedData
+from decode_benchmark import benchmark
+from evaluation import evaluate
 from model import Transformer, cache_nbytes
 from model_config import PRESETS, ModelConfig
-from test import benchmark, evaluate
 from train import TrainConfig, train
 
 # variant -> model overrides. "mla-no-q" is MLA without query compression, as in DeepSeek-V2-Lite.

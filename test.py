@@ -7,67 +7,22 @@ cache and speed against MHA and GQA.
 """
 import argparse
 import codecs
-import itertools
 import json
-import math
-import statistics
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from attention import MultiHeadLatentAttention
 from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import CLIError, run
 from data_prepare import PreparedData
-from model import Transformer, cache_nbytes
-from model_config import PRESETS, ModelConfig
+from decode_benchmark import benchmark, markdown_table
+from evaluation import evaluate
+from model import Transformer
+from model_config import PRESETS
+from runtime import DTYPES, keep_freed_memory
 from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, add_argument as add_tokenizer_argument
-from train import keep_freed_memory
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-# ---- evaluation ---------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model: Transformer, data: PreparedData, split: str, block_size: int, batch_size: int, device,
-             stride: int | None = None) -> dict:
-    """Mean loss over every token of the split after the first, each predicted exactly once, in windows of
-    block_size tokens (sliding by stride when given), batch_size windows per forward.
-
-    -> {"loss", "perplexity", "bits_per_byte", "tokens"}; bits per byte divide the total nats by the UTF-8
-    bytes of the split's text, so tokenizers of different granularity compare."""
-    was_training = model.training
-    model.eval()
-    total_nats, tokens = 0.0, 0  # Python floats: float64 accumulation
-    windows = data.eval_windows(split, block_size, stride)
-    with tqdm(total=len(data.tokens(split)) - 1, desc=f"eval {split}", unit="tok", delay=2, leave=False) as bar:
-        for batch in batched(windows, batch_size):
-            x = torch.stack([x for x, _ in batch]).to(device)  # (B, T)
-            y = torch.stack([y for _, y in batch]).to(device)  # (B, T), -1 where not scored
-            logits, _ = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum")
-            scored = int((y != -1).sum())
-            total_nats += loss.item()
-            tokens += scored
-            bar.update(scored)
-    model.train(was_training)
-    loss = total_nats / tokens
-    return {"loss": loss, "perplexity": math.exp(loss),
-            "bits_per_byte": total_nats / math.log(2) / data.text_bytes(split), "tokens": tokens}
-
-
-def batched(items, n: int) -> Iterator[list]:
-    """Lists of n consecutive items (the last one possibly shorter)."""
-    items = iter(items)
-    while batch := list(itertools.islice(items, n)):
-        yield batch
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -128,99 +83,6 @@ def sample_command(model: Transformer, args, device):
             sys.stdout.write(text)
             sys.stdout.flush()
         print()
-
-
-# ---- benchmark ----------------------------------------------------------------------------------
-
-# name -> (attention kind, MLA's absorb flag). Both MLA rows share one model, prefill and cache.
-VARIANTS = {"mla absorbed": ("mla", True), "mla decompressed": ("mla", False), "mha": ("mha", True),
-            "gqa": ("gqa", True)}
-
-
-def benchmark(config: ModelConfig, contexts: list[int], batches: list[int], device, dtype: torch.dtype,
-              decode_steps: int = 10, prefill_runs: int = 3) -> list[dict]:
-    """Prefill and decode speed and KV-cache size of MLA (absorbed, and decompressing its cache every step),
-    MHA and GQA built from config with attention overridden, random weights, at every batch and context.
-
-    Decode at context L: prefill L - 1 tokens into a cache of capacity L, then time decode steps of the L-th
-    token (rewinding the cache before each), median of decode_steps after two untimed. The variants take
-    their decode steps in turn, so a change in machine load touches all of them alike. Prefill: median of
-    prefill_runs. Cache bytes come from the real cache (cache_nbytes) -> one dict per row."""
-    device = torch.device(device)
-    kinds = dict.fromkeys(kind for kind, _ in VARIANTS.values())
-    models = {kind: bench_model(config, kind, max(contexts), device, dtype) for kind in kinds}
-    rows = []
-    for batch, context in tqdm(list(itertools.product(batches, contexts)), desc="bench", leave=False):
-        caches, prefill_s = {}, {}
-        prompt = torch.randint(config.vocab_size, (batch, context - 1), device=device)
-        for kind, model in models.items():
-            caches[kind] = model.make_cache(batch, context)
-            prefill_s[kind] = statistics.median(timed(model, prompt, caches[kind], 0) for _ in range(prefill_runs))
-        step_s = {name: [] for name in VARIANTS}
-        for _ in range(2 + decode_steps):
-            for name, (kind, absorb) in VARIANTS.items():
-                set_absorb(models[kind], absorb)
-                step_s[name].append(timed(models[kind], prompt[:, -1:], caches[kind], context - 1))
-        for name, (kind, _) in VARIANTS.items():
-            decode_s, nbytes = statistics.median(step_s[name][2:]), cache_nbytes(caches[kind])
-            rows.append({"attention": name, "batch": batch, "context": context,
-                         "params": sum(p.numel() for p in models[kind].parameters()),
-                         "prefill_tokens_per_s": batch * (context - 1) / prefill_s[kind],
-                         "decode_tokens_per_s": batch / decode_s, "decode_ms_per_step": 1e3 * decode_s,
-                         "cache_bytes": nbytes, "cache_bytes_per_token": nbytes / (batch * context)})
-    return rows
-
-
-def bench_model(config: ModelConfig, kind: str, block_size: int, device: torch.device, dtype) -> Transformer:
-    """config's model with attention kind, random weights, warmed up by one untimed prefill and decode step."""
-    torch.manual_seed(0)
-    model = Transformer(replace(config, attention=kind, block_size=block_size, dropout=0.0))
-    model = model.to(device=device, dtype=dtype).eval()
-    cache, token = model.make_cache(1, 2), torch.zeros(1, 1, dtype=torch.long, device=device)
-    for start in (0, 1):
-        timed(model, token, cache, start)
-    return model
-
-
-@torch.no_grad()
-def timed(model: Transformer, idx: torch.Tensor, cache, start: int) -> float:
-    """Seconds for one cached forward of idx (B, T) at positions start .. start + T - 1 (the cache rewound
-    to start first), waiting for the GPU to finish."""
-    for layer in cache:
-        layer.length = start
-    synchronize(idx.device)
-    begin = time.perf_counter()
-    model(idx, cache=cache)
-    synchronize(idx.device)
-    return time.perf_counter() - begin
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def set_absorb(model: Transformer, absorb: bool):
-    """Decode MLA over its latent cache (True) or decompress the cache every step (False); no-op for MHA/GQA."""
-    for module in model.modules():
-        if isinstance(module, MultiHeadLatentAttention):
-            module.absorb = absorb
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The benchmark rows as a markdown table, with cache size and decode speed relative to MHA's."""
-    mha = {(r["batch"], r["context"]): r for r in rows if r["attention"] == "mha"}
-    lines = ["| attention | params | batch | context | prefill tok/s | decode tok/s | decode ms/step "
-             "| cache B/token | cache MiB | cache ÷ MHA | decode tok/s ÷ MHA |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    for r in rows:
-        base = mha[r["batch"], r["context"]]
-        lines.append(f"| {r['attention']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['context']} "
-                     f"| {r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.1f} "
-                     f"| {r['decode_ms_per_step']:.2f} | {r['cache_bytes_per_token']:,.0f} "
-                     f"| {r['cache_bytes'] / 2**20:,.1f} | {r['cache_bytes'] / base['cache_bytes']:.4f} "
-                     f"| {r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f} |")
-    return "\n".join(lines)
 
 
 def bench_command(args, device):

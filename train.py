@@ -10,16 +10,13 @@ are the base and the flags given override them; the model's must still match the
 OUT receives ckpt.pt (latest), best.pt (lowest val loss), metrics.jsonl and, when matplotlib is installed, loss.png.
 """
 import argparse
-import ctypes
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
 import types
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -34,24 +31,9 @@ from cli import CLIError, run
 from data_prepare import PreparedData
 from model import Transformer
 from model_config import ATTENTION_KINDS, PRESETS, ModelConfig
+from runtime import DTYPES, device_peak_flops, keep_freed_memory, pick_device, pick_dtype
+from training import lr_at, make_optimizer, train_step
 
-GRAD_CLIP = 1.0
-ADAM_BETAS = (0.9, 0.95)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's datasheets. Matched as a whole word
-# against torch.cuda.get_device_name(); the first match wins.
-GPU_PEAK_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H200 NVL", 835e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-)
 
 
 @dataclass(frozen=True)
@@ -101,93 +83,9 @@ class TrainConfig:
         return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
 
 
-# ---- schedule, optimiser, one step -------------------------------------------------------------
-
-def lr_at(step: int, tc: TrainConfig) -> float:
-    """The learning rate of optimiser step `step` (0-based): linear warmup to tc.lr over warmup_iters steps,
-    cosine decay to min_lr at decay_iters, then min_lr."""
-    if step < tc.warmup_iters:
-        return tc.lr * (step + 1) / tc.warmup_iters
-    if step >= tc.decay_iters:
-        return tc.min_lr
-    progress = (step - tc.warmup_iters) / (tc.decay_iters - tc.warmup_iters)
-    return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
-    """AdamW that decays matrices (embeddings and projections) and leaves norm weights and biases alone."""
-    params = list(model.parameters())  # a tied embedding and LM head appear once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, fused=fused)
-
-
-def train_step(model, optimizer, scaler, next_batch, grad_accum: int, lr: float, autocast) -> torch.Tensor:
-    """One optimiser step at learning rate lr over grad_accum micro-batches from next_batch() -> (x, y), each
-    (B, T). Under DDP gradients are all-reduced on the last micro-step only. Returns the mean micro-batch loss as
-    a 0-dim tensor on the device, so that nothing waits for the device here."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    total = 0.0
-    for micro in range(grad_accum):
-        x, y = next_batch()
-        last = micro == grad_accum - 1
-        with nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync():
-            with autocast:
-                _, loss = model(x, y)
-            scaler.scale(loss / grad_accum).backward()
-        total = total + loss.detach()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return total / grad_accum
 
 
 # ---- devices, seeds, processes -----------------------------------------------------------------
-
-def pick_device(requested: str) -> str:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: CUDA is not available here")
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise CLIError("--device mps: MPS is not available here")
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def pick_dtype(requested: str, device_type: str) -> torch.dtype:
-    if requested != "auto":
-        return DTYPES[requested]
-    if device_type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def device_peak_flops(device: str, override: float | None) -> float | None:
-    """Peak FLOP/s of one device for MFU: the override, else the GPU table; None when unknown."""
-    if override is not None or not device.startswith("cuda"):
-        return override
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_FLOPS if re.search(rf"\b{key}\b", name)), None)
-
-
-def keep_freed_memory() -> None:
-    """Have glibc's malloc keep freed memory for the next allocation instead of handing it back to the kernel.
-
-    A CPU training step allocates and frees the same large buffers every step (the logits alone are
-    B x T x vocab floats: 412 MB for the shakespeare preset's batch). By default glibc maps each of them afresh
-    and unmaps it when freed, so every step pays for page faults on hundreds of MB: 37% of the step time of the
-    shakespeare preset on a 2-core CPU (951 -> 1,364 tok/s with this). The process's memory stays at its peak
-    instead. Nothing happens where the C library is not glibc."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
-    if mallopt is not None:
-        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (an int): give back only a free top of the heap over 2 GiB
-        mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks below 1 GiB from the heap, where freed ones are reused
-
 
 def derive_seed(*keys: int) -> int:
     """A 64-bit seed mixed from keys; callers put a distinct tag second so that the streams never coincide."""

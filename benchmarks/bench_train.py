@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cli import CLIError, run  # noqa: E402
 from model import Transformer  # noqa: E402
 from model_config import ATTENTION_KINDS, PRESETS, ModelConfig  # noqa: E402
-from train import device_peak_flops, keep_freed_memory, make_optimizer, pick_device, pick_dtype, train_step  # noqa: E402
+from runtime import device_peak_flops, keep_freed_memory, pick_device, pick_dtype, synchronize  # noqa: E402
+from training import make_optimizer, train_step  # noqa: E402
 
 
 def matmul_flops(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,11 +35,6 @@ def matmul_flops(a: torch.Tensor, b: torch.Tensor) -> float:
     a @ b
     synchronize(str(a.device))
     return 2 * a.size(0) ** 3 / (time.perf_counter() - start)
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 class Contender:

@@ -29,7 +29,8 @@ from data_prepare import PreparedData
 from model import Transformer
 from model_config import ModelConfig
 import train as train_module
-from train import MetricsLog, TrainConfig, lr_at, make_optimizer, train, train_step
+from train import MetricsLog, TrainConfig, train
+from training import lr_at, make_optimizer, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -120,7 +121,7 @@ def assert_same_run(resumed: Path, straight: Path, every_line: bool):
 
 FAULTS_OF_A_FRESH_BLOCK = """
 import resource, torch
-from train import keep_freed_memory
+from runtime import keep_freed_memory
 
 def faults_of_a_second_allocation():
     torch.empty(100 << 20, dtype=torch.uint8).fill_(1)  # allocated, touched, freed

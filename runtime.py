@@ -1,0 +1,73 @@
+"""Where and how a script runs: the device, the dtype, the GPU peak FLOP/s for MFU, and the CPU allocator
+setting. Shared by train.py, test.py, compare.py and the benchmarks."""
+import ctypes
+import re
+import sys
+
+import torch
+
+from cli import CLIError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's datasheets. Matched as a whole word
+# against torch.cuda.get_device_name(); the first match wins.
+GPU_PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+)
+
+
+def pick_device(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: CUDA is not available here")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise CLIError("--device mps: MPS is not available here")
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def pick_dtype(requested: str, device_type: str) -> torch.dtype:
+    if requested != "auto":
+        return DTYPES[requested]
+    if device_type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def device_peak_flops(device: str, override: float | None) -> float | None:
+    """Peak FLOP/s of one device for MFU: the override, else the GPU table; None when unknown."""
+    if override is not None or not device.startswith("cuda"):
+        return override
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in GPU_PEAK_FLOPS if re.search(rf"\b{key}\b", name)), None)
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed memory for the next allocation instead of handing it back to the kernel.
+
+    A CPU training step allocates and frees the same large buffers every step (the logits alone are
+    B x T x vocab floats: 412 MB for the shakespeare preset's batch). By default glibc maps each of them afresh
+    and unmaps it when freed, so every step pays for page faults on hundreds of MB: 37% of the step time of the
+    shakespeare preset on a 2-core CPU (951 -> 1,364 tok/s with this). The process's memory stays at its peak
+    instead. Nothing happens where the C library is not glibc."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
+    if mallopt is not None:
+        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (an int): give back only a free top of the heap over 2 GiB
+        mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks below 1 GiB from the heap, where freed ones are reused
+
+
+def synchronize(device) -> None:
+    """Wait for the GPU to finish its queued work (no-op elsewhere), so that wall-clock timings are honest."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
