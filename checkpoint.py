@@ -17,8 +17,11 @@ FORMAT_VERSION = 1
 def save_checkpoint(state: dict, path) -> None:
     """Write state plus the format version to path atomically, so a crash mid-write leaves any previous file
     at path intact."""
-    with atomic_write(path) as tmp:
-        torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
+    try:
+        with atomic_write(path) as tmp:
+            torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
+    except OSError as err:
+        raise CLIError(f"could not write {path}: {err.strerror or err}") from None
 
 
 def load_checkpoint(path) -> dict:
@@ -43,7 +46,17 @@ def model_from_checkpoint(ckpt: dict) -> Transformer:
     """The Transformer a loaded checkpoint describes, with its weights, on the CPU in float32."""
     try:
         model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, TypeError, RuntimeError) as err:
-        raise CLIError(f"checkpoint does not describe a valid model: {str(err).splitlines()[0]}") from None
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"checkpoint does not describe a valid model: {err}") from None
+    load_weights(model, ckpt["model"], "the checkpoint's weights do not fit its model_config")
     return model
+
+
+def load_weights(model: Transformer, state: dict, context: str) -> None:
+    """model.load_state_dict(state); a mismatch is one line, context followed by its first reason (torch's
+    message starts with a line that names only the module)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        reasons = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
+        raise CLIError(f"{context}: {reasons[0]}") from None

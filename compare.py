@@ -27,7 +27,7 @@ from decode_benchmark import benchmark
 from evaluation import evaluate
 from model import Transformer, cache_nbytes
 from model_config import PRESETS, ModelConfig
-from train import TrainConfig, train
+from training import TrainConfig, train
 
 # variant -> model overrides. "mla-no-q" is MLA without query compression, as in DeepSeek-V2-Lite.
 VARIANTS = {"mla": {"attention": "mla"}, "mla-no-q": {"attention": "mla", "q_lora_rank": 0},

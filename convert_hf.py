@@ -31,16 +31,13 @@ differs is only how they write things down:
 - Dropout: transformers has only attention dropout; export writes 0, import sets dropout 0 (pass your own when
   fine-tuning). block_size is max_position_embeddings.
 """
-import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from cli import CLIError, run
+from cli import ArgumentParser, CLIError, atomic_write_all, run
 from model import Transformer
 from model_config import ModelConfig
 from tokenizer import EOT_ID
@@ -188,8 +185,12 @@ def from_hf_config(hf: dict) -> tuple[ModelConfig, bool]:
     if missing:
         raise CLIError(f"config.json lacks {', '.join(missing)}")
     hf = {**HF_DEFAULTS, **hf}
+    for key in (*HF_REQUIRED, "first_k_dense_replace"):
+        value = hf[key]
+        if not (isinstance(value, int) and not isinstance(value, bool) or key == "q_lora_rank" and value is None):
+            raise CLIError(f"config.json: {key} must be an integer, got {value!r}")
     dense = hf["first_k_dense_replace"]
-    if not isinstance(dense, int) or dense < hf["num_hidden_layers"]:
+    if dense < hf["num_hidden_layers"]:
         raise CLIError(f"this DeepSeek-V3 model has mixture-of-experts layers (first_k_dense_replace {dense} < "
                        f"num_hidden_layers {hf['num_hidden_layers']}); only dense models convert")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers >= 5, or older config files
@@ -231,10 +232,13 @@ def read_json(path: Path) -> dict:
 
 # ---- the two directions -------------------------------------------------------------------------
 
+OUTPUTS = ("model.safetensors", "config.json")  # what export writes, config.json last
+
+
 def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> None:
-    """Project checkpoint -> out_dir/{config.json, model.safetensors}, written beside out_dir, then moved in."""
+    """Project checkpoint -> out_dir/{model.safetensors, config.json}. Other files in out_dir are left alone."""
     out_dir = Path(out_dir)
-    refuse_dir_overwrite(out_dir, force)
+    refuse_overwrite(out_dir, OUTPUTS, force)
     model = model_from_checkpoint(load_checkpoint(ckpt_path))
     if model.config.attention != "mla":
         raise CLIError(f"{ckpt_path} has {model.config.attention} attention; "
@@ -244,18 +248,17 @@ def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> None:
                        f"{HF_LATENT_NORM_EPS} in q_a_layernorm and kv_a_layernorm: its logits would differ")
     st = safetensors_torch()
     weights, hf_config = to_hf_weights(model), to_hf_config(model.config)
-
-    def write(tmp: Path):
-        st.save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-
-    write_dir_atomically(out_dir, write)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write_all([out_dir / name for name in OUTPUTS]) as (weights_tmp, config_tmp):
+        st.save_file(weights, weights_tmp, metadata={"format": "pt"})
+        config_tmp.write_text(json.dumps(hf_config, indent=2) + "\n")
+        (out_dir / "config.json").unlink(missing_ok=True)  # both written: never new weights beside an old config
 
 
 def import_checkpoint(hf_dir, out_path, force: bool = False) -> None:
     """A DeepSeek-V3 directory -> a project checkpoint {"model", "model_config"} at out_path."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
-    refuse_overwrite(out_path, force)
+    refuse_overwrite(out_path.parent, [out_path.name], force)
     if not hf_dir.is_dir():
         raise CLIError(f"{hf_dir} is not a directory")
     config, interleaved = from_hf_config(read_json(hf_dir / "config.json"))
@@ -264,49 +267,33 @@ def import_checkpoint(hf_dir, out_path, force: bool = False) -> None:
     save_checkpoint({"model": state, "model_config": config.to_dict()}, out_path)
 
 
-def refuse_overwrite(path: Path, force: bool) -> None:
-    if path.is_dir():
-        raise CLIError(f"{path} is a directory, not a checkpoint file")
-    if path.exists() and not force:
-        raise CLIError(f"{path} already exists; pass --force to replace it")
+def refuse_overwrite(directory: Path, names, force: bool) -> None:
+    """Refuse a directory path that is a file, output paths that are directories, and, without force, outputs
+    that exist already (force replaces them, and only them)."""
+    if directory.exists() and not directory.is_dir():
+        raise CLIError(f"{directory} exists and is not a directory")
+    for name in names:
+        if (directory / name).is_dir():
+            raise CLIError(f"{directory / name} is a directory")
+    existing = [name for name in names if (directory / name).exists()]
+    if existing and not force:
+        raise CLIError(f"{directory / existing[0]} already exists; pass --force to replace it")
 
 
-def refuse_dir_overwrite(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise CLIError(f"{out_dir} already exists and is not empty; pass --force to replace it")
-
-
-def write_dir_atomically(out_dir: Path, write) -> None:
-    """Run write(tmp) on a fresh directory beside out_dir, then move it to out_dir, replacing what was there."""
-    tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
-    for leftover in (tmp, old):  # from a run that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="project checkpoint -> Hugging Face DeepSeek-V3 directory")
     export.add_argument("--ckpt", required=True, help="project checkpoint (.pt) of an MLA model")
-    export.add_argument("--out-dir", required=True, help="directory to write config.json and model.safetensors to")
+    export.add_argument("--out-dir", required=True, help="directory to write config.json and model.safetensors to "
+                                                         "(created if missing; other files in it are left alone)")
     imp = commands.add_parser("import", help="Hugging Face DeepSeek-V3 directory -> project checkpoint")
     imp.add_argument("--hf-dir", required=True, help="directory with config.json and model.safetensors")
     imp.add_argument("--out", required=True, help="checkpoint file to write")
     for sub in (export, imp):
-        sub.add_argument("--force", action="store_true", help="replace an existing output")
-    args = parser.parse_args()
+        sub.add_argument("--force", action="store_true", help="replace the files this command writes if they exist "
+                                                              "(never any other file)")
+    args = parser.parse_args(argv)
     if args.command == "export":
         export_checkpoint(args.ckpt, args.out_dir, args.force)
         print(f"wrote {args.out_dir}/config.json and model.safetensors")
@@ -316,4 +303,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, memory_hint="this model does not fit in memory here")

@@ -230,7 +230,7 @@ def test_outputs_are_not_overwritten_without_force(tmp_path):
     first, second = project_model(seed=5), project_model(seed=6)
     hf_dir = exported(first, tmp_path)
     ckpt = save_project(second, tmp_path / "second.pt")
-    with pytest.raises(CLIError, match="already exists and is not empty; pass --force"):
+    with pytest.raises(CLIError, match="already exists; pass --force"):
         convert_hf.export_checkpoint(ckpt, hf_dir)
     convert_hf.export_checkpoint(ckpt, hf_dir, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "hf", "second.pt"]  # no temp dirs left
@@ -257,3 +257,27 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: {ckpt} has gqa attention; only MLA checkpoints export "
                                                   "as DeepSeek-V3"]
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_with_force_into_a_run_dir_replaces_only_its_own_files(tmp_path):
+    """Exporting RUN/best.pt into RUN itself, then again with --force: the checkpoint and every other file stay."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ckpt = save_project(project_model(seed=5), run_dir / "best.pt")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    convert_hf.export_checkpoint(ckpt, run_dir)
+    first = (run_dir / "model.safetensors").read_bytes()
+    save_project(project_model(seed=6), tmp_path / "other.pt")
+    convert_hf.export_checkpoint(tmp_path / "other.pt", run_dir, force=True)
+    assert (run_dir / "model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([*before, "config.json", "model.safetensors"])
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize("key,value", [("vocab_size", "320"), ("hidden_size", 64.0), ("num_hidden_layers", True)])
+def test_import_refuses_a_config_field_of_the_wrong_type(key, value, tmp_path):
+    hf_dir = exported_then(tmp_path, **{key: value})
+    with pytest.raises(CLIError, match=f"config.json: {key} must be an integer, got {value!r}"):
+        convert_hf.import_checkpoint(hf_dir, tmp_path / "imported.pt")
+    assert not (tmp_path / "imported.pt").exists()
