@@ -9,11 +9,11 @@ plus the flags given here), is evaluated on the whole val split (test.py's evalu
 and OUT/study.json. Each run lives in OUT/<variant>-seed<seed>/ and checkpoints as it trains, so running the same
 command again resumes where it stopped and skips what is done.
 """
-import argparse
+import functools
 import json
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 
 import tokenizer
 from checkpoint import load_checkpoint, model_from_checkpoint
-from cli import CLIError, atomic_write, run
+from cli import ArgumentParser, CLIError, atomic_write, number, positive_int, run
 from data_prepare import PreparedData
 from decode_benchmark import benchmark
 from evaluation import evaluate
@@ -101,8 +101,10 @@ def training_tokens_per_sec(metrics_path: Path) -> float:
     return statistics.median(r["tokens_per_sec"] for r in lines if "loss" in r and r.get("tokens_per_sec"))
 
 
+@functools.cache
 def decode_tokens_per_sec(mc: ModelConfig, context: int) -> float:
-    """Absorbed-cache decode throughput (MLA) or K/V-cache decode (MHA, GQA) at one context, batch 1."""
+    """Absorbed-cache decode throughput (MLA) or K/V-cache decode (MHA, GQA) at one context, batch 1, of random
+    weights: measured once per model config, so every seed of a variant shows the same measurement."""
     rows = benchmark(mc, contexts=[context], batches=[1], device="cpu", dtype=torch.float32)
     wanted = "mla absorbed" if mc.attention == "mla" else mc.attention
     return next(r["decode_tokens_per_s"] for r in rows if r["attention"] == wanted)
@@ -138,17 +140,32 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default="data/shakespeare")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="shakespeare")
-    p.add_argument("--out-dir", default="out/study")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
-    p.add_argument("--bench-context", type=int, default=2048, help="context of the decode benchmark")
-    p.add_argument("--max-iters", type=int, help="override train.py's default")
-    p.add_argument("--eval-interval", type=int, help="override train.py's default")
-    p.add_argument("--eval-iters", type=int, help="override train.py's default")
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--data-dir", default="data/shakespeare", help="prepared data (data_prepare.py's output)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="shakespeare", help="model preset of every variant")
+    p.add_argument("--out-dir", default="out/study", help="where the runs, study.md and study.json go")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="variants to run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338], help="seeds each variant trains with")
+    p.add_argument("--bench-context", type=number(int, minimum=2), default=2048,
+                   help="context of the decode benchmark")
+    for flag in ("--max-iters", "--eval-interval", "--eval-iters"):
+        p.add_argument(flag, type=positive_int, help="override train.py's default")
     return p.parse_args(argv)
+
+
+def refuse_other_settings(out: Path, settings: dict) -> None:
+    """A study directory holds one study: its runs resume and its rows are reused only with the same training and
+    benchmark settings, recorded in OUT/settings.json by the first call."""
+    path = out / "settings.json"
+    if not path.exists():
+        write_json_atomic(path, settings)
+        return
+    recorded = json.loads(path.read_text())
+    diffs = [f"{key} {recorded.get(key)!r} there, {value!r} now" for key, value in settings.items()
+             if recorded.get(key) != value]
+    if diffs:
+        raise CLIError(f"{out} holds a study with other settings ({'; '.join(diffs)}); its rows would mix with "
+                       "these: choose another --out-dir")
 
 
 def study_configs(args) -> dict[tuple[str, int], tuple[ModelConfig, TrainConfig]]:
@@ -160,8 +177,6 @@ def study_configs(args) -> dict[tuple[str, int], tuple[ModelConfig, TrainConfig]
         models = {name: ModelConfig.from_preset(args.preset, **VARIANTS[name]) for name in args.variants}
     except ValueError as err:
         raise CLIError(str(err)) from None
-    if args.bench_context < 2:
-        raise CLIError(f"--bench-context must be at least 2, got {args.bench_context}")
     return {(name, seed): (models[name], replace(base, seed=seed, out_dir=str(Path(args.out_dir) / f"{name}-seed{seed}")))
             for seed in args.seeds for name in args.variants}
 
@@ -172,6 +187,9 @@ def main(argv=None):
     PreparedData(args.data_dir)  # fail now, not after the first run, if the data is missing
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _, tc = next(iter(runs.values()))
+    training = {k: v for k, v in asdict(tc).items() if k not in ("seed", "out_dir")}
+    refuse_other_settings(out, {"preset": args.preset, "bench_context": args.bench_context, **training})
     rows = []
     for (name, seed), (mc, tc) in runs.items():
         print(f"== {name}, seed {seed}")
@@ -186,4 +204,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, memory_hint="use a smaller --preset")

@@ -5,9 +5,19 @@ import math
 import random
 
 import pytest
+import torch
 
 import compare
 import data_prepare
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine each small op waits for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +25,7 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     rng = random.Random(0)
     words = "the king queen sword crown night day love war bread river stone café naïve".split()
-    text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(3000))
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(1000))
     (root / "corpus.txt").write_text(text, encoding="utf-8")
     data_prepare.main(["--input", str(root / "corpus.txt"), "--out-dir", str(root / "data"), "--workers", "1"])
     return root, text
@@ -25,7 +35,7 @@ def test_study_fills_every_column_and_resumes(prepared, monkeypatch):
     root, text = prepared
     out = root / "study"
     argv = ["--data-dir", str(root / "data"), "--preset", "tiny", "--out-dir", str(out), "--seeds", "1", "2",
-            "--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2", "--bench-context", "48"]
+            "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--bench-context", "48"]
     compare.main(argv)
     study = json.loads((out / "study.json").read_text())
     rows = study["rows"]
@@ -56,7 +66,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(prepared):
     root, _ = prepared
     out = root / "resume"
     argv = ["--data-dir", str(root / "data"), "--preset", "tiny", "--out-dir", str(out), "--seeds", "1",
-            "--variants", "mla", "--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2",
+            "--variants", "mla", "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
             "--bench-context", "48"]
     compare.main(argv)
     run_dir = out / "mla-seed1"
@@ -70,7 +80,26 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(prepared):
 
 def test_bad_overrides_fail_before_training(prepared, tmp_path):
     root, _ = prepared
-    with pytest.raises(compare.CLIError, match="max_iters"):
+    with pytest.raises(compare.CLIError, match="--max-iters: must be at least 1"):
         compare.main(["--data-dir", str(root / "data"), "--preset", "tiny", "--out-dir", str(tmp_path / "x"),
                       "--max-iters", "0"])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_rerun_with_other_settings_is_refused_before_training(prepared, monkeypatch):
+    """The same --out-dir with another --max-iters would resume the runs past their schedule and mix their rows
+    with the first call's: refused, and nothing in the directory changes."""
+    root, _ = prepared
+    out = root / "settings"
+
+    def argv(max_iters):
+        return ["--data-dir", str(root / "data"), "--preset", "tiny", "--out-dir", str(out), "--seeds", "1",
+                "--variants", "mha", "--max-iters", str(max_iters), "--eval-interval", "3", "--eval-iters", "1",
+                "--bench-context", "48"]
+
+    compare.main(argv(3))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(compare, "train", lambda *args: pytest.fail("trained"))
+    with pytest.raises(compare.CLIError, match="max_iters 3 there, 4 now.*choose another --out-dir"):
+        compare.main(argv(4))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
