@@ -20,7 +20,6 @@ token counts and UTF-8 text bytes per split, source files with sizes and sha256,
 are written to temporary files and renamed on success; a failure or Ctrl-C leaves nothing behind, and an
 already prepared DIR is replaced only with --force.
 """
-import argparse
 import array
 import codecs
 import collections
@@ -64,8 +63,6 @@ def main(argv=None):
     args = _parse_args(argv)
     if not 0 < args.val_fraction < 1:
         raise cli.CLIError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    if args.workers < 1:
-        raise cli.CLIError(f"--workers must be at least 1, got {args.workers}")
     if args.input and not args.out_dir:
         raise cli.CLIError("--out-dir is required with --input")
     out_dir = Path(args.out_dir or SHAKESPEARE_DIR)
@@ -78,13 +75,15 @@ def main(argv=None):
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", metavar="PATH", help=f"{', '.join(INPUT_SUFFIXES)} files or directories")
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--input", nargs="+", metavar="PATH", help=f"{', '.join(INPUT_SUFFIXES)} files or directories "
+                        "(default: download Tiny Shakespeare)")
     parser.add_argument("--out-dir", metavar="DIR", help=f"output directory (without --input: {SHAKESPEARE_DIR})")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens for val (default 0.1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the document shuffle (default 0)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding threads (default: cores)")
-    parser.add_argument("--force", action="store_true", help="replace an already prepared --out-dir")
+    parser.add_argument("--val-fraction", type=cli.finite_float, default=0.1, help="share of tokens for val")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
+    parser.add_argument("--workers", type=cli.positive_int, default=os.cpu_count() or 1, help="encoding threads")
+    parser.add_argument("--force", action="store_true", help="replace an already prepared --out-dir's three files "
+                        "(nothing else in it)")
     tokenizer.add_argument(parser)
     return parser.parse_args(argv)
 
@@ -104,7 +103,8 @@ def _fetch_shakespeare(path: Path) -> Path:
             with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as response:
                 data = response.read()
         except OSError as err:
-            raise cli.CLIError(f"cannot download Tiny Shakespeare ({err}); pass your text with --input PATH") from None
+            raise cli.CLIError(f"cannot download Tiny Shakespeare ({err}); fetch {SHAKESPEARE_URL} yourself and "
+                               f"run: python data_prepare.py --input PATH") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         with cli.atomic_write(path) as temp:
             temp.write_bytes(data)
@@ -140,46 +140,33 @@ def prepare(files: list[Path], out_dir: Path, tok: tokenizer.Tokenizer, val_frac
     """
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    temps = {name: out_dir / f".{name}.tmp" for name in ("tokens", *OUTPUTS)}
+    stream = out_dir / ".tokens.tmp"
     try:
-        digests = [hashlib.sha256() for _ in files]
-        doc_tokens, text_bytes = _encode_documents(files, digests, temps["tokens"], tok, workers)
-        ranges = _split_ranges(doc_tokens, val_fraction, seed)
-        split_files = {split: temps[f"{split}.bin"] for split in SPLITS}
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "tokenizer": tokenizer.NAME,
-            "vocab_size": tokenizer.VOCAB_SIZE,
-            "eot_id": tokenizer.EOT_ID,
-            "dtype": "uint16",
-            "documents": len(doc_tokens),
-            "splits": _write_splits(temps["tokens"], split_files, ranges, text_bytes, tok),
-            "split": {"val_fraction": val_fraction, "seed": seed},
-            "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": digest.hexdigest()}
-                        for p, digest in zip(files, digests)],
-        }
-        temps["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
-        _publish(temps, out_dir)
+        with cli.atomic_write_all([out_dir / name for name in OUTPUTS]) as temps:
+            temps = dict(zip(OUTPUTS, temps))
+            digests = [hashlib.sha256() for _ in files]
+            doc_tokens, text_bytes = _encode_documents(files, digests, stream, tok, workers)
+            ranges = _split_ranges(doc_tokens, val_fraction, seed)
+            split_files = {split: temps[f"{split}.bin"] for split in SPLITS}
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "tokenizer": tokenizer.NAME,
+                "vocab_size": tokenizer.VOCAB_SIZE,
+                "eot_id": tokenizer.EOT_ID,
+                "dtype": "uint16",
+                "documents": len(doc_tokens),
+                "splits": _write_splits(stream, split_files, ranges, text_bytes, tok),
+                "split": {"val_fraction": val_fraction, "seed": seed},
+                "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": digest.hexdigest()}
+                            for p, digest in zip(files, digests)],
+            }
+            temps["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
+            (out_dir / "meta.json").unlink(missing_ok=True)  # never new .bin files beside an old meta.json
         return meta
     finally:
-        for path in temps.values():
-            path.unlink(missing_ok=True)
+        stream.unlink(missing_ok=True)
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()
-
-
-def _publish(temps: dict, out_dir: Path):
-    """Rename the finished temporary files into place, meta.json last; if interrupted, remove the ones renamed."""
-    (out_dir / "meta.json").unlink(missing_ok=True)  # never new .bin files beside an old meta.json
-    published = []
-    try:
-        for name in OUTPUTS:
-            os.replace(temps[name], out_dir / name)
-            published.append(out_dir / name)
-    except BaseException:
-        for path in published:
-            path.unlink()
-        raise
 
 
 def _encode_documents(files, digests, stream_path: Path, tok, workers: int) -> tuple[np.ndarray, int]:
@@ -515,4 +502,4 @@ def _open_tokens(path: Path, n_tokens: int) -> np.memmap:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, memory_hint="lower --workers")

@@ -26,15 +26,20 @@ GPU_PEAK_FLOPS = (
 
 
 def pick_device(requested: str) -> str:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: CUDA is not available here")
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise CLIError("--device mps: MPS is not available here")
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    """The device to run on: requested ("cpu", "cuda", "cuda:1", "mps"), or for "auto" cuda, then mps, then cpu.
+    A device that is not there is a CLIError."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        kind = torch.device(requested).type
+    except RuntimeError:
+        raise CLIError(f"--device {requested}: not a device (auto, cpu, cuda, cuda:N or mps)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        raise CLIError(f"--device {requested}: {kind} is not available here")
+    return requested
 
 
 def pick_dtype(requested: str, device_type: str) -> torch.dtype:

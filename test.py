@@ -5,7 +5,6 @@ cache and speed against MHA and GQA.
     python test.py --ckpt out/shakespeare/best.pt --prompt "ROMEO:"        # stream a sample
     python test.py --bench --preset gpt2-small --contexts 256 1024 4096    # cache bytes and decode speed
 """
-import argparse
 import codecs
 import json
 import sys
@@ -15,13 +14,13 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from cli import CLIError, run
+from cli import ArgumentParser, CLIError, non_negative_float, number, positive_float, positive_int, run
 from data_prepare import PreparedData
 from decode_benchmark import benchmark, markdown_table
 from evaluation import evaluate
 from model import Transformer
 from model_config import PRESETS
-from runtime import DTYPES, keep_freed_memory
+from runtime import DTYPES, keep_freed_memory, pick_device
 from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, add_argument as add_tokenizer_argument
 
 
@@ -124,34 +123,36 @@ def eval_command(model: Transformer, ckpt: dict, args, device):
 # ---- command line -------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", help="checkpoint to evaluate, sample from, or take the --bench config of")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto: cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line, last")
     e = p.add_argument_group("evaluation (the default)")
     e.add_argument("--data-dir", help="prepared data (default: the checkpoint's train_config data_dir)")
-    e.add_argument("--split", choices=["val", "train"], default="val")
-    e.add_argument("--batch-size", type=int, default=8, help="windows per forward")
-    e.add_argument("--stride", type=int, help="slide windows by this many tokens, scoring only their last "
+    e.add_argument("--split", choices=["val", "train"], default="val", help="split to evaluate")
+    e.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward")
+    e.add_argument("--stride", type=positive_int, help="slide windows by this many tokens, scoring only their last "
                                               "stride targets (default: block_size, disjoint windows)")
     s = p.add_argument_group("sampling (with --prompt or --prompt-file)")
-    s.add_argument("--prompt")
-    s.add_argument("--prompt-file")
-    s.add_argument("--max-new-tokens", type=int, default=256, help="at most block_size - prompt tokens")
-    s.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    s.add_argument("--top-k", type=int, default=200)
-    s.add_argument("--top-p", type=float)
-    s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--prompt", help="text to continue (\"\" starts a new document)")
+    s.add_argument("--prompt-file", help="UTF-8 file holding the prompt")
+    s.add_argument("--max-new-tokens", type=positive_int, default=256, help="at most block_size - prompt tokens")
+    s.add_argument("--temperature", type=non_negative_float, default=0.8, help="0: greedy")
+    s.add_argument("--top-k", type=positive_int, default=200, help="sample among the k likeliest tokens")
+    s.add_argument("--top-p", type=positive_float, help="sample among the likeliest tokens holding this much "
+                                                       "probability, in (0, 1] (default: off)")
+    s.add_argument("--num-samples", type=positive_int, default=1, help="samples to draw")
+    s.add_argument("--seed", type=int, default=1337, help="seed of the sampling")
     add_tokenizer_argument(s)
     b = p.add_argument_group("benchmark (--bench)")
-    b.add_argument("--bench", action="store_true")
+    b.add_argument("--bench", action="store_true", help="benchmark decode cache bytes and speed, random weights")
     b.add_argument("--preset", choices=sorted(PRESETS), help="benchmark this preset instead of --ckpt's config")
-    b.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
-    b.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    b.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    b.add_argument("--steps", type=int, default=10, help="timed decode steps per row")
-    b.add_argument("--prefill-runs", type=int, default=3, help="timed prefills per row")
+    b.add_argument("--contexts", type=number(int, minimum=2), nargs="+", default=[256, 1024, 4096],
+                   help="context lengths to decode at")
+    b.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8], help="batch sizes")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights' and cache's dtype")
+    b.add_argument("--steps", type=positive_int, default=10, help="timed decode steps per row")
+    b.add_argument("--prefill-runs", type=positive_int, default=3, help="timed prefills per row")
     return p.parse_args(argv)
 
 
@@ -170,28 +171,15 @@ def check_sampling_args(args):
         raise CLIError("--top-p must be in (0, 1]")
 
 
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CLIError(f"unknown device {name!r}") from None
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if not available.get(device.type, lambda: True)():
-        raise CLIError(f"--device {name}: no {device.type} device is available")
-    return device
-
-
 def main(argv=None):
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = torch.device(pick_device(args.device))
     if device.type == "cpu":
         keep_freed_memory()
     if args.bench:
         return bench_command(args, device)
     if args.ckpt is None:
         raise CLIError("--ckpt is required (or --bench --preset NAME)")
-    if args.batch_size < 1:
-        raise CLIError("--batch-size must be at least 1")
     sampling = args.prompt is not None or args.prompt_file is not None
     if sampling:
         check_sampling_args(args)
@@ -204,4 +192,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, memory_hint="lower --batch-size, or --contexts and --batches with --bench")
