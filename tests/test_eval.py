@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import test as script  # the repo's test.py (pytest.ini puts the repo first on sys.path)
 from checkpoint import save_checkpoint
+from conftest import require_gpt2_ranks, shakespeare_bytes
 from attention import MultiHeadLatentAttention
 from cli import CLIError
 from data_prepare import PreparedData
@@ -22,7 +23,6 @@ from model_config import ModelConfig
 from tokenizer import VOCAB_SIZE, Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
 CORPUS_CHARS = 24_000  # the first lines of Tiny Shakespeare: a val split of a few hundred tokens
 
 
@@ -39,9 +39,10 @@ def one_thread():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A prepared dir made by data_prepare.py from the start of Tiny Shakespeare."""
+    require_gpt2_ranks()
     root = tmp_path_factory.mktemp("data")
     corpus = root / "input.txt"
-    corpus.write_text((SHARED / "data/tinyshakespeare/input.txt").read_text()[:CORPUS_CHARS])
+    corpus.write_bytes(shakespeare_bytes(CORPUS_CHARS))  # the first lines are ASCII: bytes = characters
     out = root / "prepared"
     subprocess.run([sys.executable, "data_prepare.py", "--input", str(corpus), "--out-dir", str(out)],
                    cwd=REPO, check=True, capture_output=True)

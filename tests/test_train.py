@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch.multiprocessing as mp
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 import data_prepare
+from conftest import require_gpt2_ranks, shakespeare_bytes
 from checkpoint import load_checkpoint
 from cli import CLIError
 from data_prepare import PreparedData
@@ -33,7 +35,6 @@ import training
 from training import MetricsLog, TrainConfig, lr_at, make_optimizer, train, train_step
 
 REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 TINY = ModelConfig.from_preset("tiny", vocab_size=256, dropout=0.1)  # dropout: resuming must restore its RNG too
 TIMING_FIELDS = ("tokens_per_sec", "mfu")
 
@@ -59,7 +60,7 @@ def byte_data(tmp_path_factory) -> Path:
     """A prepared data dir (train.bin, val.bin, meta.json as data_prepare.py writes them) holding the first 200 kB
     of Tiny Shakespeare as byte tokens: 180,000 for train, 20,000 for val."""
     directory = tmp_path_factory.mktemp("bytes")
-    tokens = np.frombuffer(SHAKESPEARE.read_bytes()[:200_000], dtype=np.uint8).astype(np.uint16)
+    tokens = np.frombuffer(shakespeare_bytes(200_000), dtype=np.uint8).astype(np.uint16)
     splits = {"train": tokens[:180_000], "val": tokens[180_000:]}
     for split, ids in splits.items():
         ids.tofile(directory / f"{split}.bin")
@@ -184,8 +185,9 @@ def test_weight_decay_applies_to_matrices_only():
 def test_loss_goes_down(tmp_path):
     """End to end on GPT-2 tokens: data_prepare.py on 100 kB of Tiny Shakespeare, then 20 steps of 512 tokens
     with the tiny preset's vocab of 50304 take the val loss from about ln 50304 = 10.8 nats to 2 nats lower."""
+    require_gpt2_ranks()
     text = tmp_path / "shakespeare.txt"
-    text.write_bytes(SHAKESPEARE.read_bytes()[:100_000])
+    text.write_bytes(shakespeare_bytes(100_000))
     data_prepare.main(["--input", str(text), "--out-dir", str(tmp_path / "data"), "--workers", "1"])
     tc = run_config(tmp_path / "out", tmp_path / "data", eval_interval=20)
     assert train(tc, ModelConfig.from_preset("tiny")) == 0
@@ -204,15 +206,53 @@ def test_best_checkpoint_holds_the_lowest_val_loss(straight_run):
     assert best["best_val_loss"] == lowest["val_loss"] == evals[-1]["best_val_loss"] and best["step"] == lowest["step"]
 
 
-def test_loss_curve_is_drawn_when_matplotlib_is_installed(straight_run):
-    try:
-        import matplotlib  # noqa: F401
-        installed = True
-    except ImportError:
-        installed = False
-    png = straight_run / "loss.png"
-    assert png.exists() == installed
-    assert not installed or png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+def test_loss_curve_is_drawn(straight_run):
+    """loss.png is a PNG (matplotlib is in requirements-dev.txt)."""
+    pytest.importorskip("matplotlib", reason="pip install -r requirements-dev.txt")
+    assert (straight_run / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_without_matplotlib_a_note_says_how_to_get_the_loss_curve(straight_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    training.plot_losses(straight_run / "metrics.jsonl", tmp_path / "loss.png")
+    note = capsys.readouterr().out
+    assert note.startswith("note: matplotlib is not installed, so there is no") and "pip install matplotlib" in note
+    assert f"python train.py --resume --out-dir {tmp_path}" in note and not (tmp_path / "loss.png").exists()
+
+
+def test_default_data_dir_is_prepared_on_first_use(tmp_path, monkeypatch):
+    """python train.py with no --data-dir, where data/shakespeare is missing: it is downloaded and prepared
+    (here from a stand-in for the download), then trained on."""
+    require_gpt2_ranks()
+    text = shakespeare_bytes(60_000)
+
+    class Response:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return text
+
+    monkeypatch.setattr(data_prepare.urllib.request, "urlopen", lambda url, timeout: Response())
+    monkeypatch.chdir(tmp_path)
+    train_script.main(["--preset", "tiny", "--device", "cpu", "--max-iters", "1", "--eval-iters", "1",
+                       "--batch-size", "2", "--out-dir", "out"])
+    assert PreparedData("data/shakespeare").meta["sources"][0]["bytes"] == len(text)
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["train_config"]["data_dir"] == "data/shakespeare"
+
+
+def test_default_data_dir_offline_is_one_line_naming_the_way_out(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(data_prepare.urllib.request, "urlopen", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CLIError, match=r"cannot download Tiny Shakespeare .* python data_prepare.py --input PATH"):
+        train_script.main(["--preset", "tiny", "--device", "cpu", "--max-iters", "1"])
+    assert not any(tmp_path.iterdir())
 
 
 def test_resume_is_bitwise_exact(tmp_path, byte_data, straight_run):
