@@ -81,7 +81,7 @@ def grouped_attention(q, k, v, scale: float, mask: torch.Tensor | None, dropout_
     if T > 1:  # folded row (h, t) takes query t's mask; with T == 1 the mask broadcasts as it is
         mask = mask.repeat(1, 1, group, 1)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return y.view(B, H, T, -1)
+    return y.reshape(B, H, T, -1)  # SDPA on CUDA may return the folded rows non-contiguous
 
 
 # ---- Multi-Head Latent Attention ----------------------------------------------------------------
