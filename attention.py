@@ -22,7 +22,7 @@ def rope_tables(rope_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., T, dr) by the angles of its T positions, cos/sin (T, dr/2).
+    """Rotate x (..., T, dr) by the angles of its T positions, cos/sin (..., T, dr/2) broadcasting against x.
 
     Pairs are (i, i + dr/2): the "half-split" layout of GPT-NeoX and Llama, not interleaved pairs."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -33,14 +33,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---- cache --------------------------------------------------------------------------------------
 
 class LayerCache:
-    """One layer's preallocated decode cache. Every tensor has its sequence axis at dim -2.
+    """One layer's preallocated decode cache: its tensors have a fixed capacity of positions along dim -2.
 
     MLA keeps a single (B, capacity, r + dr) tensor: [c_KV | k_rope] per token.
-    MHA/GQA keep K and V, each (B, G, capacity, head_dim)."""
+    MHA/GQA keep K and V, each (B, G, capacity, head_dim).
+    The cache holds no length: the caller says which slots each call writes (input_pos), and the attention
+    mask says which slots each query reads."""
 
     def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device):
         self.tensors = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
-        self.length = 0
+        for tensor in self.tensors:  # a fixed address, so a compiled decode step can be captured as a CUDA graph
+            torch._dynamo.mark_static_address(tensor)
 
     @property
     def capacity(self) -> int:
@@ -50,39 +53,35 @@ class LayerCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
-    def append(self, *new: torch.Tensor) -> list[torch.Tensor]:
-        """Write T new positions into each tensor; return views of everything cached so far (..., S, :)."""
-        end = self.length + new[0].size(-2)
-        if end > self.capacity:
-            raise ValueError(f"cache holds {self.capacity} positions, asked for {end}")
+    def write(self, input_pos: torch.Tensor, *new: torch.Tensor) -> list[torch.Tensor]:
+        """Store T new positions (..., T, :) of each tensor at slots input_pos (T,); return the whole tensors."""
         for buffer, values in zip(self.tensors, new):
-            buffer[..., self.length:end, :] = values
-        self.length = end
-        return [buffer[..., :end, :] for buffer in self.tensors]
+            buffer.index_copy_(buffer.dim() - 2, input_pos, values.to(buffer.dtype))
+        return self.tensors
 
 
 # ---- the attention kernel both kinds share ------------------------------------------------------
 
-def causal_attention(q, k, v, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """Softmax attention of T queries at the last T of S positions over those S keys, causally.
+def grouped_attention(q, k, v, scale: float, mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Softmax attention of q (B, H, T, E) over k (B, G, S, E) and v (B, G, S, Ev), where G key/value heads each
+    serve H / G query heads -> (B, H, T, Ev).
 
-    q (B, H, T, E), k (B, G, S, E), v (B, G, S, Ev), where G key/value heads each serve H / G query heads
-    -> (B, H, T, Ev)."""
+    mask None: T == S and attention is causal (training, or a prefill without a cache). Otherwise mask is an
+    additive float mask (B, 1, T, S) (0 where a query may look, -inf where not) and the query heads of each
+    key/value head are folded into the query axis, so that every key and value is read once per key/value
+    head and never copied per query head."""
     B, H, T, E = q.shape
-    G, S = k.size(1), k.size(-2)
+    G = k.size(1)
     group = H // G
-    if T == S:  # training or prefill: the whole causal square, on SDPA's fused kernels
+    if mask is None:
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
-    # Decoding: fold the query heads of each key/value head into the query axis, so the cache is read
-    # once per key/value head and never copied per query head.
     q = q.reshape(B, G, group * T, E)
-    mask = None
-    if T > 1:  # query t sits at position S - T + t and sees keys 0 .. S - T + t
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T).repeat(group, 1)
+    if T > 1:  # folded row (h, t) takes query t's mask; with T == 1 the mask broadcasts as it is
+        mask = mask.repeat(1, 1, group, 1)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return y.view(B, H, T, -1)
+    return y.reshape(B, H, T, -1)  # SDPA on CUDA may return the folded rows non-contiguous
 
 
 # ---- Multi-Head Latent Attention ----------------------------------------------------------------
@@ -98,9 +97,15 @@ class MultiHeadLatentAttention(nn.Module):
         c = config
         self.n_head, self.r, self.dr = c.n_head, c.kv_lora_rank, c.qk_rope_head_dim
         self.dn, self.dv = c.qk_nope_head_dim, c.v_head_dim
+        self.q_lora_rank = c.q_lora_rank
         self.scale = 1.0 / math.sqrt(self.dn + self.dr)
         self.dropout = c.dropout
-        self.absorb = True  # decode over the latent cache; False decompresses it every step (for benchmarks)
+        # Decoding with a cache takes the absorbed path when it costs fewer FLOPs than decompressing the cache:
+        # per cached position and head, absorbed costs T * (2r + dr) multiply-adds for T new queries, and
+        # decompressing costs r * (dn + dv) + T * (dn + dr + dv). So prefill decompresses, decoding absorbs.
+        # absorb = False always decompresses (the benchmark's "mla decompressed" row).
+        self.absorb = True
+        self.max_absorbed_queries = (self.r * (self.dn + self.dv)) // max(2 * self.r - self.dn - self.dv, 1)
         q_out = c.n_head * (self.dn + self.dr)
         if c.q_lora_rank:
             self.q_a_proj = nn.Linear(c.d_model, c.q_lora_rank, bias=False)  # W_DQ
@@ -116,32 +121,31 @@ class MultiHeadLatentAttention(nn.Module):
     def cache_shapes(self, batch_size: int, capacity: int) -> list[tuple[int, ...]]:
         return [(batch_size, capacity, self.r + self.dr)]
 
-    def forward(self, x, cos, sin, cache: LayerCache | None = None) -> torch.Tensor:
-        """x (B, T, D), cos/sin (T, dr/2) for the T new positions -> (B, T, D).
+    def forward(self, x, cos, sin, mask=None, cache: LayerCache | None = None, input_pos=None) -> torch.Tensor:
+        """x (B, T, D), cos/sin (B or 1, T, dr/2) for the T new positions -> (B, T, D).
 
-        Without a cache, or into an empty one (prefill), attention runs on decompressed keys and values;
-        into a filled cache it runs on the latent cache, absorbed (or decompressed when self.absorb is False)."""
+        Without a cache: causal attention over x's own T positions, on decompressed keys and values. With one:
+        [c_KV | k_rope] of the new positions is written at slots input_pos (T,), and the queries attend over the
+        whole cache under mask (B, 1, T, capacity)."""
         B, T, _ = x.shape
         q_nope, q_rope = self.queries(x, cos, sin)
         c_kv, k_rope = self.latent_kv(x, cos, sin)
-        if cache is None or cache.length == 0:  # training or prefill: decompress the new tokens' c_KV
-            if cache is not None:
-                cache.append(torch.cat((c_kv, k_rope), dim=-1))
-            y = self.attend_materialised(q_nope, q_rope, c_kv, k_rope)
+        if cache is None:
+            y = self.attend_decompressed(q_nope, q_rope, c_kv, k_rope, None)
         else:
-            (latent,) = cache.append(torch.cat((c_kv, k_rope), dim=-1))  # (B, S, r + dr)
-            if self.absorb:
-                y = self.attend_absorbed(q_nope, q_rope, latent)
+            (latent,) = cache.write(input_pos, torch.cat((c_kv, k_rope), dim=-1))  # (B, capacity, r + dr)
+            if self.absorb and T <= self.max_absorbed_queries:
+                y = self.attend_absorbed(q_nope, q_rope, latent, mask)
             else:
-                y = self.attend_materialised(q_nope, q_rope, *latent.split([self.r, self.dr], dim=-1))
+                y = self.attend_decompressed(q_nope, q_rope, *latent.split([self.r, self.dr], dim=-1), mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def queries(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q_nope (B, H, T, dn) and rotated q_rope (B, H, T, dr)."""
         B, T, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         q_nope, q_rope = q.view(B, T, self.n_head, self.dn + self.dr).transpose(1, 2).split([self.dn, self.dr], -1)
-        return q_nope, apply_rope(q_rope, cos, sin)
+        return q_nope, apply_rope(q_rope, cos.unsqueeze(1), sin.unsqueeze(1))
 
     def latent_kv(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> normalised c_KV (B, T, r) and rotated k_rope (B, T, dr), one key for all heads.
@@ -150,32 +154,63 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.r, self.dr], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rope(k_rope, cos, sin)
 
-    def attend_materialised(self, q_nope, q_rope, c_kv, k_rope) -> torch.Tensor:
+    def attend_decompressed(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
         """Decompress c_KV into per-head keys and values, then attend.
 
-        q_nope (B, H, T, dn), q_rope (B, H, T, dr), c_kv (B, S, r), k_rope (B, S, dr) -> (B, H, T, dv)."""
+        q_nope (B, H, T, dn), q_rope (B, H, T, dr), c_kv (B, S, r), k_rope (B, S, dr), mask None (causal, S == T)
+        or (B, 1, T, S) -> (B, H, T, dv)."""
         B, S, _ = c_kv.shape
-        kv = self.kv_b_proj(c_kv).view(B, S, self.n_head, self.dn + self.dv).transpose(1, 2)
+        kv = self.kv_b_proj(c_kv.to(q_nope.dtype)).view(B, S, self.n_head, self.dn + self.dv).transpose(1, 2)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # (B, H, S, dn), (B, H, S, dv)
-        k = torch.cat((k_nope, k_rope.unsqueeze(1).expand(B, self.n_head, S, self.dr)), dim=-1)
+        k_rope = k_rope.to(q_rope.dtype).unsqueeze(1).expand(B, self.n_head, S, self.dr)
+        k = torch.cat((k_nope, k_rope), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         dropout_p = self.dropout if self.training else 0.0
         # SDPA's fused (flash) kernels want values as wide as keys: pad v with zeros and drop them after.
-        y = causal_attention(q, k, F.pad(v, (0, self.dn + self.dr - self.dv)), self.scale, dropout_p)
+        y = grouped_attention(q, k, F.pad(v, (0, self.dn + self.dr - self.dv)), self.scale, mask, dropout_p)
         return y[..., :self.dv]
 
-    def attend_absorbed(self, q_nope, q_rope, latent) -> torch.Tensor:
+    def attend_absorbed(self, q_nope, q_rope, latent, mask) -> torch.Tensor:
         """Attend over the latent cache without decompressing it: W_UK is absorbed into the query, and W_UV is
-        applied after the probabilities are reduced against c_KV. This is multi-query attention with one
-        latent key [c_KV | k_rope] of width r + dr and one latent value c_KV of width r.
+        applied after the probabilities are reduced against c_KV. This is multi-query attention with one key
+        [c_KV | k_rope] of width r + dr per position, read in place from the cache.
 
-        q_nope (B, H, T, dn), q_rope (B, H, T, dr), latent = [c_KV | k_rope] (B, S, r + dr) -> (B, H, T, dv)."""
-        w_uk, w_uv = self.kv_b_proj.weight.view(self.n_head, self.dn + self.dv, self.r).split([self.dn, self.dv], 1)
+        q_nope (B, H, T, dn), q_rope (B, H, T, dr), latent = [c_KV | k_rope] (B, S, r + dr),
+        mask (B, 1, T, S) -> (B, H, T, dv)."""
+        B, H, T, _ = q_nope.shape
+        w_uk, w_uv = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.r).split([self.dn, self.dv], 1)
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
-        q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + dr)
-        key = latent.unsqueeze(1)  # (B, 1, S, r + dr)
-        o_latent = causal_attention(q, key, key[..., :self.r], self.scale)  # (B, H, T, r)
-        return torch.einsum("bhtr,hvr->bhtv", o_latent, w_uv)
+        q = torch.cat((q_latent, q_rope), dim=-1).to(latent.dtype)  # (B, H, T, r + dr)
+        o_latent = latent_attention(q.reshape(B, 1, H * T, self.r + self.dr), latent.unsqueeze(1),
+                                    fold_mask(mask, H), self.scale)[..., :self.r]  # (B, 1, H * T, r)
+        return torch.einsum("bhtr,hvr->bhtv", o_latent.reshape(B, H, T, self.r).to(w_uv.dtype), w_uv)
+
+
+def fold_mask(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """The mask (B, 1, T, S) of T queries, for H * T queries folded head-major (row h * T + t)."""
+    return mask if mask.size(2) == 1 else mask.repeat(1, 1, heads, 1)
+
+
+def latent_attention(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q latent^T * scale + mask) latent for one key/value head shared by every query row:
+    q (B, 1, M, E), latent (B, 1, S, E), mask (B, 1, M or 1, S) -> (B, 1, M, E). The caller keeps the first r
+    columns (c_KV's part). Both formulations read the cache in place and put the scale on the query.
+
+    On the CPU, SDPA's fused kernel: it takes key and value of one width only, so the whole latent goes in as
+    the value (with a narrower value slice SDPA falls back to its math path, which rescales the whole cache at
+    every step: 3-7x slower at batch 8 and 4,096 positions on the 2-core dev CPU). On CUDA that kernel does not
+    exist for widths over 256 and the one that does runs one thread block per batch row, so two matmuls,
+    spread over every SM by cuBLAS, with the softmax between them in float32."""
+    if latent.device.type == "cuda":
+        return latent_attention_matmul(q, latent, mask, scale)
+    return F.scaled_dot_product_attention(q, latent, latent, attn_mask=mask.to(q.dtype), scale=scale)
+
+
+def latent_attention_matmul(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """latent_attention as two matmuls: q (B, 1, M, E), latent (B, 1, S, E), mask (B, 1, M or 1, S)
+    -> (B, 1, M, E)."""
+    scores = torch.matmul(q * scale, latent.transpose(-1, -2)).float() + mask
+    return torch.matmul(scores.softmax(dim=-1).to(latent.dtype), latent)
 
 
 # ---- baselines ----------------------------------------------------------------------------------
@@ -196,16 +231,19 @@ class GroupedQueryAttention(nn.Module):
     def cache_shapes(self, batch_size: int, capacity: int) -> list[tuple[int, ...]]:
         return [(batch_size, self.n_kv, capacity, self.hd)] * 2
 
-    def forward(self, x, cos, sin, cache: LayerCache | None = None) -> torch.Tensor:
-        """x (B, T, D), cos/sin (T, hd/2) -> (B, T, D); q (B, H, T, hd) attends over k, v (B, G, S, hd)."""
+    def forward(self, x, cos, sin, mask=None, cache: LayerCache | None = None, input_pos=None) -> torch.Tensor:
+        """x (B, T, D), cos/sin (B or 1, T, hd/2) -> (B, T, D); q (B, H, T, hd) attends over k, v (B, G, S, hd):
+        x's own T positions, causally, without a cache; with one, the whole cache (S = capacity) under mask
+        (B, 1, T, S), after the new positions are written at slots input_pos (T,)."""
         B, T, _ = x.shape
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if cache is not None:
-            k, v = cache.append(k, v)
+            k, v = (t.to(q.dtype) for t in cache.write(input_pos, k, v))
         dropout_p = self.dropout if self.training else 0.0
-        y = causal_attention(q, k, v, 1.0 / math.sqrt(self.hd), dropout_p)
+        y = grouped_attention(q, k, v, 1.0 / math.sqrt(self.hd), mask, dropout_p)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

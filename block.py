@@ -16,7 +16,8 @@ class Block(nn.Module):
         self.mlp = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache: LayerCache | None = None) -> torch.Tensor:
-        """x (B, T, D), cos/sin (T, rope_dim / 2) for the T new positions -> (B, T, D)."""
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+    def forward(self, x, cos, sin, mask=None, cache: LayerCache | None = None, input_pos=None) -> torch.Tensor:
+        """x (B, T, D), cos/sin (B or 1, T, rope_dim / 2) for the T new positions -> (B, T, D); mask, cache and
+        input_pos as the attention takes them."""
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))

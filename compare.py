@@ -25,7 +25,7 @@ from cli import ArgumentParser, CLIError, atomic_write, number, positive_int, ru
 from data_prepare import PreparedData
 from decode_benchmark import benchmark
 from evaluation import evaluate
-from model import Transformer, cache_nbytes
+from model import Transformer
 from model_config import PRESETS, ModelConfig
 from training import TrainConfig, train
 
@@ -92,7 +92,7 @@ def val_characters(data: PreparedData) -> int:
 def cache_bytes_per_token(model: Transformer) -> int:
     """Bytes per token of a real bfloat16 decode cache of the model."""
     capacity = 16
-    return cache_nbytes(model.make_cache(1, capacity, dtype=torch.bfloat16)) // capacity
+    return model.make_cache(1, capacity, dtype=torch.bfloat16).nbytes // capacity
 
 
 def training_tokens_per_sec(metrics_path: Path) -> float:

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from attention import MultiHeadLatentAttention
-from model import Transformer, cache_nbytes
+from model import Transformer
 from model_config import ModelConfig
 from runtime import synchronize
 
@@ -27,7 +27,7 @@ def benchmark(config: ModelConfig, contexts: list[int], batches: list[int], devi
     Decode at context L: prefill L - 1 tokens into a cache of capacity L, then time decode steps of the L-th
     token (rewinding the cache before each), median of decode_steps after two untimed. The variants take
     their decode steps in turn, so a change in machine load touches all of them alike. Prefill: median of
-    prefill_runs. Cache bytes come from the real cache (cache_nbytes) -> one dict per row."""
+    prefill_runs. Cache bytes come from the real cache (Cache.nbytes) -> one dict per row."""
     device = torch.device(device)
     kinds = dict.fromkeys(kind for kind, _ in VARIANTS.values())
     models = {kind: bench_model(config, kind, max(contexts), device, dtype) for kind in kinds}
@@ -44,7 +44,7 @@ def benchmark(config: ModelConfig, contexts: list[int], batches: list[int], devi
                 set_absorb(models[kind], absorb)
                 step_s[name].append(timed(models[kind], prompt[:, -1:], caches[kind], context - 1))
         for name, (kind, _) in VARIANTS.items():
-            decode_s, nbytes = statistics.median(step_s[name][2:]), cache_nbytes(caches[kind])
+            decode_s, nbytes = statistics.median(step_s[name][2:]), caches[kind].nbytes
             rows.append({"attention": name, "batch": batch, "context": context,
                          "params": sum(p.numel() for p in models[kind].parameters()),
                          "prefill_tokens_per_s": batch * (context - 1) / prefill_s[kind],
@@ -68,11 +68,10 @@ def bench_model(config: ModelConfig, kind: str, block_size: int, device: torch.d
 def timed(model: Transformer, idx: torch.Tensor, cache, start: int) -> float:
     """Seconds for one cached forward of idx (B, T) at positions start .. start + T - 1 (the cache rewound
     to start first), waiting for the GPU to finish."""
-    for layer in cache:
-        layer.length = start
+    input_pos = torch.arange(start, start + idx.size(1), device=idx.device)
     synchronize(idx.device)
     begin = time.perf_counter()
-    model(idx, cache=cache)
+    model(idx, cache=cache, input_pos=input_pos)
     synchronize(idx.device)
     return time.perf_counter() - begin
 

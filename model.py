@@ -11,6 +11,55 @@ from block import Block
 from model_config import ModelConfig
 
 
+class RotaryTables:
+    """cos and sin of RoPE's angles for positions 0 .. block_size - 1, each (block_size, rope_dim / 2), float32.
+
+    They live outside the module's parameters and buffers, so casting the model (model.to(torch.bfloat16))
+    leaves them in float32: angles at far positions lose their precision in 16 bits. One copy per device."""
+
+    def __init__(self, config: ModelConfig):
+        self.tables = {torch.device("cpu"): rope_tables(config.rope_dim, config.block_size, config.rope_theta)}
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at positions (B or 1, T) -> each (B or 1, T, rope_dim / 2)."""
+        if positions.device not in self.tables:
+            self.tables[positions.device] = [t.to(positions.device) for t in self.tables[torch.device("cpu")]]
+        cos, sin = self.tables[positions.device]
+        return cos[positions], sin[positions]
+
+
+class Cache:
+    """The decode cache of B sequences of up to `capacity` positions: one LayerCache per layer, and each row's
+    left padding pad (B,), for prompts of different lengths decoded as one batch.
+
+    It keeps no count of what it holds. Each forward names the slots it writes (input_pos), and each query at
+    slot p reads the slots pad[b] .. p of its row. So rewinding is writing at earlier slots again, and a new
+    sequence in the same cache is a forward from slot 0; nothing else needs resetting."""
+
+    def __init__(self, layers: list[LayerCache], pad: torch.Tensor):
+        self.layers, self.pad = layers, pad
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].capacity
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache's tensors hold, all layers together."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def positions_and_mask(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """For new tokens at slots input_pos (T,): their RoPE positions (B, T), slot minus the row's padding,
+        and the additive attention mask (B, 1, T, capacity) in dtype: 0 where a query reads, -inf elsewhere.
+        A padding slot's query reads only itself, so that its (unused) output stays finite."""
+        slots = torch.arange(self.capacity, device=input_pos.device)
+        query_slot = input_pos[:, None]  # (T, 1)
+        pad = self.pad[:, None, None]  # (B, 1, 1)
+        visible = (slots <= query_slot) & ((slots >= pad) | (slots == query_slot))  # (B, T, capacity)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=input_pos.device).masked_fill(~visible, -math.inf)
+        return (input_pos[None, :] - self.pad[:, None]).clamp(min=0), mask.unsqueeze(1)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -22,43 +71,37 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(config.rope_dim, config.block_size, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, rope_dim / 2)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.rope = RotaryTables(config)
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: scale the projections into the residual
         for name, param in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
 
-    def _apply(self, fn, recurse=True):
-        """Casts and moves (model.to, .bfloat16(), .cuda()) apply to the weights; the RoPE tables stay float32,
-        since angles at far positions lose their precision in 16 bits."""
-        cos, sin = self.rope_cos.float(), self.rope_sin.float()
-        super()._apply(fn, recurse)
-        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
-        return self
-
     @staticmethod
     def _init_weights(module: nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: list[LayerCache] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
+                input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy against targets (B, T),
         where -1 marks a target to skip; the loss is None without targets.
 
-        With a cache (from make_cache), idx holds the next T positions after those cached, the cache is
-        extended, and logits come for the last position only: (B, 1, vocab)."""
+        With a cache (from make_cache), idx holds the tokens at slots input_pos (T,) of the cache (a LongTensor,
+        so that a decode step has static shapes), they attend over the cache, and logits come for the last
+        position only: (B, 1, vocab)."""
         T = idx.size(1)
-        start = cache[0].length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+            positions, mask = torch.arange(T, device=idx.device)[None], None
+        else:
+            positions, mask = cache.positions_and_mask(input_pos, self.embed_tokens.weight.dtype)
+        cos, sin = self.rope.at(positions)
         x = self.dropout(self.embed_tokens(idx))
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache[i] if cache is not None else None)
+            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, input_pos)
         if cache is not None:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
@@ -67,40 +110,73 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def make_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> list[LayerCache]:
-        """An empty decode cache for batch_size sequences of up to capacity tokens, one LayerCache per layer."""
+    def make_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None,
+                   pad: torch.Tensor | None = None) -> Cache:
+        """An empty decode cache for batch_size sequences of up to capacity tokens, in dtype (default: the
+        model's), with pad (B,) leading padding tokens per row (default none)."""
+        if capacity > self.config.block_size:
+            raise ValueError(f"a cache of {capacity} positions is longer than block_size {self.config.block_size}")
         weight = self.embed_tokens.weight
-        return [LayerCache(layer.self_attn.cache_shapes(batch_size, capacity), dtype or weight.dtype, weight.device)
-                for layer in self.layers]
+        layers = [LayerCache(layer.self_attn.cache_shapes(batch_size, capacity), dtype or weight.dtype, weight.device)
+                  for layer in self.layers]
+        pad = torch.zeros(batch_size, dtype=torch.long) if pad is None else pad
+        return Cache(layers, pad.to(weight.device))
+
+    def decode_step(self, token: torch.Tensor, cache: Cache, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) after token (B, 1) at slot input_pos (1,). Its shapes are the same at every step,
+        so torch.compile captures it once (test.py --compile)."""
+        return self(token, cache=cache, input_pos=input_pos)[0][:, -1]
 
     @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yield max_new_tokens next tokens (B, 1), one at a time: one prefill of the prompt idx (B, T),
-        then one cached decode step per token."""
-        total = idx.size(1) + max_new_tokens
+               top_p: float | None = None, generator: torch.Generator | None = None, *,
+               pad: torch.Tensor | None = None, vocab_limit: int | None = None, stop_id: int | None = None,
+               cache_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+        """Yield up to max_new_tokens next tokens (B, 1), one at a time: one prefill of the prompts idx (B, T),
+        then one cached decode step per token.
+
+        pad (B,): row b is left-padded by pad[b] tokens (left_pad makes idx and pad from prompts of different
+        lengths). vocab_limit: sample only ids below it (the tokenizer's; the model's vocabulary is padded).
+        stop_id: a row that produced it keeps producing it, and the stream ends when every row has."""
+        B, T = idx.shape
+        total = T + max_new_tokens
         if total > self.config.block_size:
-            raise ValueError(f"prompt of {idx.size(1)} tokens + {max_new_tokens} new tokens = {total} "
+            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens = {total} "
                              f"is longer than block_size {self.config.block_size}")
-        cache = self.make_cache(idx.size(0), total)
-        logits, _ = self(idx, cache=cache)
+        cache = self.make_cache(B, total, cache_dtype, pad)
+        logits = self(idx, cache=cache, input_pos=torch.arange(T, device=idx.device))[0][:, -1]
+        done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
-            token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            token = sample_next(logits[:, :vocab_limit], temperature, top_k, top_p, generator)
+            if stop_id is not None:
+                token = token.masked_fill(done, stop_id)
+                done |= token == stop_id
             yield token
-            if i + 1 < max_new_tokens:
-                logits, _ = self(token, cache=cache)
+            if i + 1 == max_new_tokens or (stop_id is not None and bool(done.all())):
+                return
+            logits = self.decode_step(token, cache, torch.tensor([T + i], device=idx.device))
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue the prompt idx (B, T) by max_new_tokens tokens -> (B, T + max_new_tokens).
-        temperature 0 is greedy."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator))
+                 top_p: float | None = None, generator: torch.Generator | None = None, **options) -> torch.Tensor:
+        """Continue the prompts idx (B, T) by up to max_new_tokens tokens -> (B, T + new tokens).
+        temperature 0 is greedy; options are stream()'s keyword options."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, **options))
         return torch.cat([idx, *new], dim=1)
 
 
-def cache_nbytes(cache: list[LayerCache]) -> int:
-    """Bytes the cache's tensors hold, all layers together."""
-    return sum(layer.nbytes for layer in cache)
+def compile_decode_step(model: Transformer) -> None:
+    """torch.compile the model's decode step in place. Its shapes are the same at every step, so it is captured
+    once; on CUDA as a CUDA graph ("reduce-overhead"), which removes the launch cost of its many small kernels."""
+    cuda = model.lm_head.weight.device.type == "cuda"
+    model.decode_step = torch.compile(model.decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch: ids (B, longest) right-aligned after pad_id, and the padding
+    of each row (B,), for Transformer.stream."""
+    longest = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    return idx, torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

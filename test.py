@@ -18,7 +18,7 @@ from cli import ArgumentParser, CLIError, non_negative_float, number, positive_f
 from data_prepare import PreparedData
 from decode_benchmark import benchmark, markdown_table
 from evaluation import evaluate
-from model import Transformer
+from model import Transformer, compile_decode_step, left_pad
 from model_config import PRESETS
 from runtime import DTYPES, keep_freed_memory, pick_device
 from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, add_argument as add_tokenizer_argument
@@ -26,17 +26,27 @@ from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, add_argument as add_tokeniz
 
 # ---- sampling -----------------------------------------------------------------------------------
 
+def sample_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                 top_k: int | None, top_p: float | None, generator: torch.Generator,
+                 cache_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next ids (B, 1) of every prompt at each step, all decoded as one batch (left-padded to the
+    longest): one prefill, then one cached decode step per token. Only the tokenizer's ids are sampled, never
+    the padding ids past its vocabulary; a row that produces <|endoftext|> stops there (its later ids are
+    <|endoftext|> too), and the stream ends when every row has."""
+    idx, pad = left_pad(prompts)
+    device = model.lm_head.weight.device
+    yield from model.stream(idx.to(device), max_new_tokens, temperature, top_k, top_p, generator, pad=pad,
+                            vocab_limit=VOCAB_SIZE, stop_id=EOT_ID, cache_dtype=cache_dtype)
+
+
 def sample_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float,
-                  top_k: int | None, top_p: float | None, generator: torch.Generator) -> Iterator[int]:
-    """Yield the ids continuing prompt_ids as they are generated: one prefill, then one cached decode step per
-    token. Only the tokenizer's ids are sampled, never the padding ids past its vocabulary."""
-    idx = torch.tensor([prompt_ids], device=model.lm_head.weight.device)  # (1, T)
-    handle = model.lm_head.register_forward_hook(lambda module, inputs, logits: logits[..., :VOCAB_SIZE])
-    try:
-        for token in model.stream(idx, max_new_tokens, temperature, top_k, top_p, generator):
-            yield token.item()
-    finally:
-        handle.remove()
+                  top_k: int | None, top_p: float | None, generator: torch.Generator,
+                  cache_dtype: torch.dtype | None = None) -> Iterator[int]:
+    """Yield the ids continuing one prompt as they are generated, up to (not including) <|endoftext|>."""
+    for token in sample_batch(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, generator, cache_dtype):
+        if token.item() == EOT_ID:
+            return
+        yield token.item()
 
 
 def stream_text(tok: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
@@ -49,39 +59,69 @@ def stream_text(tok: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
         yield text
 
 
-def read_prompt(args) -> str:
+def read_prompts(args) -> list[str]:
+    """--prompt; or --prompt-file: the whole file as one prompt, or one prompt per line of a .jsonl file (its
+    "text" field)."""
     if args.prompt_file is None:
-        return args.prompt
+        return [args.prompt]
+    path = Path(args.prompt_file)
     try:
-        return Path(args.prompt_file).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
-        raise CLIError(f"prompt file {args.prompt_file}: {err.strerror}") from None
+        raise CLIError(f"prompt file {path}: {err.strerror}") from None
     except UnicodeDecodeError:
-        raise CLIError(f"prompt file {args.prompt_file} is not UTF-8 text") from None
+        raise CLIError(f"prompt file {path} is not UTF-8 text") from None
+    if path.suffix != ".jsonl":
+        return [text]
+    prompts = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            prompts.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CLIError(f"{path} line {line_number}: not a JSON object with a \"text\" string") from None
+        if not isinstance(prompts[-1], str):
+            raise CLIError(f"{path} line {line_number}: \"text\" is not a string")
+    if not prompts:
+        raise CLIError(f"{path} holds no prompts")
+    return prompts
 
 
 def sample_command(model: Transformer, args, device):
+    """Continue every prompt --num-samples times, all as one batch. One sample streams as it is generated;
+    several are printed whole, each after its prompt, between lines of dashes."""
     tok = Tokenizer(args.tokenizer_file)
-    prompt = read_prompt(args)
-    prompt_ids = tok.encode(prompt) or [EOT_ID]  # an empty prompt starts a new document
-    room = model.config.block_size - len(prompt_ids)
+    prompts = [prompt for prompt in read_prompts(args) for _ in range(args.num_samples)]
+    prompt_ids = [tok.encode(prompt) or [EOT_ID] for prompt in prompts]  # an empty prompt starts a new document
+    longest = max(len(ids) for ids in prompt_ids)
+    room = model.config.block_size - longest
     if room <= 0:
-        raise CLIError(f"the prompt is {len(prompt_ids)} tokens; the model's block_size of "
+        raise CLIError(f"the longest prompt is {longest} tokens; the model's block_size of "
                        f"{model.config.block_size} leaves no room to generate")
     if args.max_new_tokens > room:
         print(f"note: generating {room} tokens, all that fit in block_size {model.config.block_size}",
               file=sys.stderr)
+    if args.compile:
+        compile_decode_step(model)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    for i in range(args.num_samples):
-        if i:
-            print("\n" + "-" * 40)
-        sys.stdout.write(prompt)
-        ids = sample_tokens(model, prompt_ids, min(args.max_new_tokens, room), args.temperature, args.top_k,
-                            args.top_p, generator)
+    cache_dtype = DTYPES[args.cache_dtype] if args.cache_dtype else None
+    n = min(args.max_new_tokens, room)
+    if len(prompts) == 1:
+        sys.stdout.write(prompts[0])
+        ids = sample_tokens(model, prompt_ids[0], n, args.temperature, args.top_k, args.top_p, generator, cache_dtype)
         for text in stream_text(tok, ids):
             sys.stdout.write(text)
             sys.stdout.flush()
         print()
+        return
+    steps = list(sample_batch(model, prompt_ids, n, args.temperature, args.top_k, args.top_p, generator, cache_dtype))
+    rows = torch.cat(steps, dim=1).tolist()
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        if i:
+            print("\n" + "-" * 40)
+        ids = row[:row.index(EOT_ID)] if EOT_ID in row else row
+        print(prompt + tok.decode(ids))
 
 
 def bench_command(args, device):
@@ -135,13 +175,16 @@ def parse_args(argv=None):
                                               "stride targets (default: block_size, disjoint windows)")
     s = p.add_argument_group("sampling (with --prompt or --prompt-file)")
     s.add_argument("--prompt", help="text to continue (\"\" starts a new document)")
-    s.add_argument("--prompt-file", help="UTF-8 file holding the prompt")
+    s.add_argument("--prompt-file", help="UTF-8 file holding the prompt, or a .jsonl file of prompts, one "
+                                         "{\"text\": ...} per line, sampled together")
     s.add_argument("--max-new-tokens", type=positive_int, default=256, help="at most block_size - prompt tokens")
     s.add_argument("--temperature", type=non_negative_float, default=0.8, help="0: greedy")
     s.add_argument("--top-k", type=positive_int, default=200, help="sample among the k likeliest tokens")
     s.add_argument("--top-p", type=positive_float, help="sample among the likeliest tokens holding this much "
                                                        "probability, in (0, 1] (default: off)")
-    s.add_argument("--num-samples", type=positive_int, default=1, help="samples to draw")
+    s.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt, all decoded as one batch")
+    s.add_argument("--cache-dtype", choices=sorted(DTYPES), help="the KV cache's dtype (default: the model's)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on CUDA)")
     s.add_argument("--seed", type=int, default=1337, help="seed of the sampling")
     add_tokenizer_argument(s)
     b = p.add_argument_group("benchmark (--bench)")

@@ -186,6 +186,27 @@ def test_sampling_command_is_reproducible_and_writes_prompt_then_continuation(ck
     assert samples[0] != samples[1]  # one generator runs on through both samples
 
 
+def test_prompts_from_a_jsonl_file_sample_as_one_batch_and_greedy_equals_one_at_a_time(ckpt_path, tmp_path, capsys):
+    prompts = ["To be", "Now is the winter of", "O"]
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
+    common = ["--ckpt", str(ckpt_path), "--max-new-tokens", "10", "--temperature", "0"]
+    script.main(common + ["--prompt-file", str(prompt_file), "--num-samples", "2"])
+    together = capsys.readouterr().out.split("\n" + "-" * 40 + "\n")
+    alone = []
+    for prompt in prompts:
+        script.main(common + ["--prompt", prompt])
+        alone.append(capsys.readouterr().out)
+    assert [s.rstrip("\n") for s in together] == [a.rstrip("\n") for a in alone for _ in range(2)]
+
+
+def test_a_bad_prompt_file_line_is_one_error(ckpt_path, tmp_path):
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    with pytest.raises(CLIError, match="line 2"):
+        script.main(["--ckpt", str(ckpt_path), "--prompt-file", str(prompt_file)])
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.1, 0.5, 0.15, 0.25])  # by rank: token 1, 3, 2, 0; running totals .5, .75, .9, 1
     logits = probs.log().expand(20_000, 4)
@@ -226,13 +247,14 @@ def test_benchmark_measures_each_attention_kind_and_its_real_cache(monkeypatch):
     absorbed_steps = []
     attend_absorbed = MultiHeadLatentAttention.attend_absorbed
     monkeypatch.setattr(MultiHeadLatentAttention, "attend_absorbed",
-                        lambda self, *args: absorbed_steps.append(1) or attend_absorbed(self, *args))
+                        lambda self, q_nope, *args: absorbed_steps.append(q_nope.size(2) == 1)
+                        or attend_absorbed(self, q_nope, *args))
     config = ModelConfig.from_preset("tiny")
     rows = script.benchmark(config, contexts=[8, 16], batches=[1, 2], device="cpu", dtype=torch.float32,
                             decode_steps=2, prefill_runs=1)
-    # Only the "mla absorbed" rows decode over the latent cache: 2 untimed + 2 timed steps in each of the
-    # 2 x 2 (batch, context) pairs, after one warm-up step, in every layer.
-    assert len(absorbed_steps) == (1 + 2 * 2 * (2 + 2)) * config.n_layer
+    # Only the "mla absorbed" rows decode one token over the latent cache: 2 untimed + 2 timed steps in each
+    # of the 2 x 2 (batch, context) pairs, after two warm-up steps, in every layer.
+    assert sum(absorbed_steps) == (2 + 2 * 2 * (2 + 2)) * config.n_layer
     kinds = ["mla absorbed", "mla decompressed", "mha", "gqa"]
     assert sorted({r["attention"] for r in rows}) == sorted(kinds) and len(rows) == 4 * 2 * 2
     for row in rows:

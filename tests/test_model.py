@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from attention import LayerCache, MultiHeadLatentAttention, apply_rope, rope_tables
-from model import Transformer, cache_nbytes
+from model import Transformer
 from model_config import ModelConfig
 
 VOCAB = 101
@@ -70,7 +70,7 @@ def test_mla_matches_the_paper_equations(q_lora_rank):
         torch.nn.init.normal_(p, std=0.3)
     h = torch.randn(1, 12, config.d_model)
     cos, sin = rope_tables(config.qk_rope_head_dim, 12, config.rope_theta)
-    torch.testing.assert_close(attn(h, cos, sin)[0], reference_mla(attn, h[0], config), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(h, cos[None], sin[None])[0], reference_mla(attn, h[0], config), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
@@ -93,9 +93,10 @@ def test_cached_decode_equals_full_forward(kind, chunk):
     full = model(idx)[0]
     cache = model.make_cache(3, 40)
     prefill = 10
-    logits = [model(idx[:, :prefill], cache=cache)[0]]
+    logits = [model(idx[:, :prefill], cache=cache, input_pos=torch.arange(prefill))[0]]
     for start in range(prefill, 40, chunk):
-        logits.append(model(idx[:, start:start + chunk], cache=cache)[0])
+        new = idx[:, start:start + chunk]
+        logits.append(model(new, cache=cache, input_pos=torch.arange(start, start + new.size(1)))[0])
     last_positions = [prefill - 1] + [min(start + chunk, 40) - 1 for start in range(prefill, 40, chunk)]
     torch.testing.assert_close(torch.cat(logits, dim=1), full[:, last_positions], atol=1e-5, rtol=1e-5)
 
@@ -111,21 +112,6 @@ def test_greedy_generate_equals_full_recompute(kind):
     assert torch.equal(generated, seq)
 
 
-@pytest.mark.parametrize("queries", [1, 4])
-def test_absorbed_equals_materialised(queries):
-    config = ModelConfig.from_preset("tiny", vocab_size=VOCAB)
-    torch.manual_seed(0)
-    attn = MultiHeadLatentAttention(config)
-    B, H, S = 2, config.n_head, 17
-    q_nope = torch.randn(B, H, queries, config.qk_nope_head_dim)
-    q_rope = torch.randn(B, H, queries, config.qk_rope_head_dim)
-    c_kv, k_rope = torch.randn(B, S, config.kv_lora_rank), torch.randn(B, S, config.qk_rope_head_dim)
-    absorbed = attn.attend_absorbed(q_nope, q_rope, torch.cat((c_kv, k_rope), dim=-1))
-    materialised = attn.attend_materialised(q_nope, q_rope, c_kv, k_rope)
-    assert absorbed.shape == (B, H, queries, config.v_head_dim)
-    torch.testing.assert_close(absorbed, materialised, atol=1e-5, rtol=1e-5)
-
-
 def test_absorbed_decode_equals_decompressed_decode_through_the_model():
     model = tiny_model()
     prompt = random_tokens(2, 5)
@@ -139,11 +125,11 @@ def test_absorbed_decode_equals_decompressed_decode_through_the_model():
 def test_cache_holds_exactly_the_configured_values_per_token(kind):
     model = tiny_model(**kind)
     cache = model.make_cache(batch_size=3, capacity=20)
-    model(random_tokens(3, 20), cache=cache)
-    values_per_token = sum(t.numel() for layer in cache for t in layer.tensors) / (3 * 20)
+    model(random_tokens(3, 20), cache=cache, input_pos=torch.arange(20))
+    values_per_token = sum(t.numel() for layer in cache.layers for t in layer.tensors) / (3 * 20)
     config = model.config
     assert values_per_token == config.kv_cache_values_per_token_per_layer() * config.n_layer
-    assert cache_nbytes(cache) == values_per_token * 3 * 20 * 4
+    assert cache.nbytes == values_per_token * 3 * 20 * 4
     if config.attention == "mla":
         assert values_per_token == (config.kv_lora_rank + config.qk_rope_head_dim) * config.n_layer
 
@@ -270,9 +256,12 @@ def test_loss_skips_targets_marked_minus_one():
 def test_casting_the_model_keeps_rope_tables_in_float32():
     model = tiny_model().to(torch.bfloat16)
     assert model.embed_tokens.weight.dtype == torch.bfloat16
-    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32
-    cos, _ = rope_tables(model.config.rope_dim, model.config.block_size, model.config.rope_theta)
-    assert torch.equal(model.rope_cos, cos)
+    positions = torch.arange(model.config.block_size)[None]
+    cos, sin = model.rope.at(positions)
+    assert cos.dtype == sin.dtype == torch.float32
+    expected, _ = rope_tables(model.config.rope_dim, model.config.block_size, model.config.rope_theta)
+    assert torch.equal(cos[0], expected)
+    assert "rope" not in "".join(name for name, _ in model.named_buffers())  # nothing a cast could reach
 
 
 def test_training_attention_matches_the_paper_with_dropout_off_in_eval():
