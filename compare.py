@@ -148,12 +148,13 @@ def parse_args(argv=None):
     p.add_argument("--max-iters", type=int, help="override train.py's default")
     p.add_argument("--eval-interval", type=int, help="override train.py's default")
     p.add_argument("--eval-iters", type=int, help="override train.py's default")
+    p.add_argument("--optimizer", help="override train.py's default (adamw or muon)")
     return p.parse_args(argv)
 
 
 def study_configs(args) -> dict[tuple[str, int], tuple[ModelConfig, TrainConfig]]:
     """(variant, seed) -> the run's configs, all built (and so checked) before anything trains."""
-    train_overrides = {k: getattr(args, k) for k in ("max_iters", "eval_interval", "eval_iters")
+    train_overrides = {k: getattr(args, k) for k in ("max_iters", "eval_interval", "eval_iters", "optimizer")
                        if getattr(args, k) is not None}
     try:
         base = TrainConfig(data_dir=args.data_dir, **train_overrides)

@@ -32,7 +32,7 @@ from data_prepare import PreparedData
 from model import Transformer
 from model_config import ATTENTION_KINDS, PRESETS, ModelConfig
 from runtime import DTYPES, device_peak_flops, keep_freed_memory, pick_device, pick_dtype
-from training import lr_at, make_optimizer, train_step
+from training import OPTIMIZERS, lr_at, make_optimizer, train_step
 
 
 
@@ -48,6 +48,9 @@ class TrainConfig:
     warmup_iters: int = 50
     lr_decay_iters: int | None = field(default=None, metadata={"help": "None: max_iters"})
     weight_decay: float = 0.1  # on matrices only
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw, or muon: Muon on the 2-D weights inside the blocks and AdamW on the rest, sharing lr and "
+                "weight_decay (see training.make_optimizer)"})
     eval_interval: int = 100  # evaluate, save ckpt.pt (and best.pt when val improves) every this many steps
     eval_iters: int = 10  # batches per split per evaluation
     log_interval: int = 10  # steps between lines in metrics.jsonl
@@ -71,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr {self.min_lr} and lr {self.lr}")
         if self.warmup_iters < 0 or self.weight_decay < 0:
             raise ValueError("warmup_iters and weight_decay must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.dtype not in ("auto", *DTYPES):
@@ -144,11 +149,14 @@ class StopSignals:
 
 # ---- checkpoints and logs ----------------------------------------------------------------------
 
-def check_resumable(ckpt: dict, mc: ModelConfig, path: Path) -> None:
+def check_resumable(ckpt: dict, tc: TrainConfig, mc: ModelConfig, path: Path) -> None:
     missing = sorted({"optimizer", "scaler", "train_config", "step", "best_val_loss", "tokens_seen", "rng"}
                      - ckpt.keys())
     if missing:
         raise CLIError(f"cannot resume from {path}: it has no {', '.join(missing)} (not written by train.py)")
+    saved_optimizer = ckpt["train_config"].get("optimizer", "adamw")
+    if saved_optimizer != tc.optimizer:
+        raise CLIError(f"cannot resume from {path}: it was trained with --optimizer {saved_optimizer}, not {tc.optimizer}")
     saved = ckpt["model_config"]
     diffs = [f"{name} (checkpoint {saved.get(name)!r}, requested {value!r})"
              for name, value in mc.to_dict().items() if saved.get(name) != value]
@@ -246,7 +254,7 @@ class Trainer:
             raise CLIError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out-dir")
         ckpt = load_checkpoint(ckpt_path) if tc.resume else None
         if ckpt is not None:
-            check_resumable(ckpt, mc, ckpt_path)
+            check_resumable(ckpt, tc, mc, ckpt_path)
         self.data = load_data(tc, mc)
 
         device = pick_device(tc.device)
@@ -256,6 +264,8 @@ class Trainer:
         self.compile = device == "cuda" if tc.compile is None else tc.compile
         self.autocast = torch.autocast(device, dtype=self.dtype, enabled=self.dtype != torch.float32)
         self.scaler = torch.amp.GradScaler(device, enabled=self.dtype == torch.float16)
+        if self.scaler.is_enabled() and tc.optimizer == "muon":
+            raise CLIError("--optimizer muon does not support float16 loss scaling; pass --dtype bfloat16 or float32")
         self.peak_flops = device_peak_flops(self.device, tc.peak_flops)
         self.tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * self.world_size
         if device == "cuda":
@@ -273,7 +283,7 @@ class Trainer:
         elif tc.init_from:
             load_initial_weights(self.model, tc.init_from)
         self.model.to(self.device)
-        self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, fused=device == "cuda")
+        self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, fused=device == "cuda", kind=tc.optimizer)
         if ckpt is not None:
             self.restore(ckpt)
         self.train_model = self.eval_model = torch.compile(self.model) if self.compile else self.model

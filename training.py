@@ -6,6 +6,8 @@ from contextlib import nullcontext
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from attention import MultiHeadLatentAttention
+
 GRAD_CLIP = 1.0
 ADAM_BETAS = (0.9, 0.95)
 
@@ -21,12 +23,78 @@ def lr_at(step: int, tc) -> float:
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
-    """AdamW that decays matrices (embeddings and projections) and leaves norm weights and biases alone."""
-    params = list(model.parameters())  # a tied embedding and LM head appear once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, fused=fused)
+OPTIMIZERS = ("adamw", "muon")
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool, kind: str = "adamw"):
+    """The optimiser train_step() steps. adamw: AdamW on everything, decaying matrices (embeddings and projections)
+    and leaving norm weights and biases alone. muon: MuonWithAdamW, torch's Muon on the 2-D weights inside the
+    blocks and AdamW as above on the rest (the tied embedding / LM head, norm weights)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+    hidden = [p for p in model.layers.parameters() if p.dim() == 2] if kind == "muon" else []
+    rest = [p for p in model.parameters() if p not in set(hidden)]  # a tied weight appears once
+    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=lr, betas=ADAM_BETAS, fused=fused)
+    if kind == "adamw":
+        return adamw
+    return MuonWithAdamW(hidden, stacked_row_blocks(model), adamw, lr, weight_decay)
+
+
+def stacked_row_blocks(model: torch.nn.Module) -> dict[torch.Tensor, list[int]]:
+    """The row counts of the matrices that MLA stacks into one weight, per weight: q_b_proj (q_proj without a
+    query LoRA) holds each head's nope then rope queries, kv_a_proj_with_mqa W_DKV then W_KR, kv_b_proj each
+    head's W_UK then W_UV."""
+    blocks = {}
+    for m in model.modules():
+        if isinstance(m, MultiHeadLatentAttention):
+            q = m.q_b_proj if hasattr(m, "q_b_proj") else m.q_proj
+            blocks[q.weight] = [m.dn, m.dr] * m.n_head
+            blocks[m.kv_a_proj_with_mqa.weight] = [m.r, m.dr]
+            blocks[m.kv_b_proj.weight] = [m.dn, m.dv] * m.n_head
+    return blocks
+
+
+class MuonWithAdamW:
+    """torch's Muon on the hidden matrices and an AdamW over the other parameters, stepped, zeroed and saved as
+    one optimiser. Muon orthogonalises each matrix that MLA stacks (stacked_row_blocks) separately: it steps
+    row blocks that share the stacked weight's storage, whose gradients are the matching rows of the weight's
+    (results/muon.md measures this against one update per weight). Muon scales its lr as Moonlight does
+    (adjust_lr_fn="match_rms_adamw": an update's RMS is 0.2 lr, about AdamW's), so one lr and one weight decay
+    serve both optimisers."""
+
+    def __init__(self, hidden: list[torch.Tensor], stacked: dict[torch.Tensor, list[int]],
+                 adamw: torch.optim.AdamW, lr: float, weight_decay: float):
+        self.split = [(w, w.detach().split(stacked[w])) for w in hidden if w in stacked]
+        matrices = [w for w in hidden if w not in stacked] + [b for _, blocks in self.split for b in blocks]
+        self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        self.adamw = adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """Both optimisers' groups, so that train_step sets the lr of every one."""
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        for weight, blocks in self.split:
+            for block, grad in zip(blocks, weight.grad.split([b.size(0) for b in blocks])):
+                block.grad = grad
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+        for weight, _ in self.split:
+            weight.grad = None
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def train_step(model, optimizer, scaler, next_batch, grad_accum: int, lr: float, autocast) -> torch.Tensor:
