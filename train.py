@@ -156,7 +156,8 @@ def check_resumable(ckpt: dict, tc: TrainConfig, mc: ModelConfig, path: Path) ->
         raise CLIError(f"cannot resume from {path}: it has no {', '.join(missing)} (not written by train.py)")
     saved_optimizer = ckpt["train_config"].get("optimizer", "adamw")
     if saved_optimizer != tc.optimizer:
-        raise CLIError(f"cannot resume from {path}: it was trained with --optimizer {saved_optimizer}, not {tc.optimizer}")
+        raise CLIError(f"cannot resume from {path}: it was trained with --optimizer {saved_optimizer}, "
+                       f"not {tc.optimizer}")
     saved = ckpt["model_config"]
     diffs = [f"{name} (checkpoint {saved.get(name)!r}, requested {value!r})"
              for name, value in mc.to_dict().items() if saved.get(name) != value]
@@ -283,7 +284,8 @@ class Trainer:
         elif tc.init_from:
             load_initial_weights(self.model, tc.init_from)
         self.model.to(self.device)
-        self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, fused=device == "cuda", kind=tc.optimizer)
+        self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, fused=device == "cuda",
+                                        kind=tc.optimizer)
         if ckpt is not None:
             self.restore(ckpt)
         self.train_model = self.eval_model = torch.compile(self.model) if self.compile else self.model

@@ -19,7 +19,8 @@ from train import train
 from training import MuonWithAdamW, make_optimizer, train_step
 
 MUON_MATRICES = ("self_attn.q_a_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-STACKED = {"self_attn.q_b_proj": [16, 8] * 4, "self_attn.kv_a_proj_with_mqa": [32, 8], "self_attn.kv_b_proj": [16, 16] * 4}
+STACKED = {"self_attn.q_b_proj": [16, 8] * 4, "self_attn.kv_a_proj_with_mqa": [32, 8],
+           "self_attn.kv_b_proj": [16, 16] * 4}  # rows: each head's nope, rope; W_DKV, W_KR; each head's W_UK, W_UV
 
 
 def random_grads(model: nn.Module, seed: int):
