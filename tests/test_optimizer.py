@@ -71,6 +71,9 @@ def test_resume_is_bitwise_exact_with_muon(tmp_path, byte_data):
     assert train(run_config(resumed, byte_data, optimizer="muon", resume=True), TINY) == 0
     assert_same_run(resumed, straight, every_line=True)
     assert load_checkpoint(straight / "ckpt.pt")["optimizer"].keys() == {"muon", "adamw"}
+    other = run_cli("--resume", "--out-dir", straight, "--optimizer", "adamw")  # the saved state is Muon's
+    assert other.returncode == 2 and other.stderr == (f"error: cannot resume from {straight / 'ckpt.pt'}: it was "
+                                                      "trained with --optimizer muon, not adamw\n")
 
 
 def float64_ddp_worker(*args):
