@@ -62,7 +62,8 @@ class MuonWithAdamW:
     row blocks that share the stacked weight's storage, whose gradients are the matching rows of the weight's
     (results/muon.md measures this against one update per weight). Muon scales its lr as Moonlight does
     (adjust_lr_fn="match_rms_adamw": an update's RMS is 0.2 lr, about AdamW's), so one lr and one weight decay
-    serve both optimisers."""
+    serve both optimisers. No float16 loss scaling (train.py refuses it): GradScaler.unscale_ would miss the
+    blocks' gradients, which step() sets."""
 
     def __init__(self, hidden: list[torch.Tensor], stacked: dict[torch.Tensor, list[int]],
                  adamw: torch.optim.AdamW, lr: float, weight_decay: float):
@@ -87,7 +88,10 @@ class MuonWithAdamW:
         self.muon.zero_grad(set_to_none)
         self.adamw.zero_grad(set_to_none)
         for weight, _ in self.split:
-            weight.grad = None
+            if set_to_none:
+                weight.grad = None
+            elif weight.grad is not None:
+                weight.grad.zero_()
 
     def state_dict(self) -> dict:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
