@@ -50,7 +50,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # on matrices only
     optimizer: str = field(default="adamw", metadata={
         "help": "adamw, or muon: Muon on the 2-D weights inside the blocks and AdamW on the rest, sharing lr and "
-                "weight_decay (see training.make_optimizer)"})
+                "weight_decay; muon wants about 3x the lr (--lr 3e-3 --min-lr 3e-4, see results/muon.md)"})
     eval_interval: int = 100  # evaluate, save ckpt.pt (and best.pt when val improves) every this many steps
     eval_iters: int = 10  # batches per split per evaluation
     log_interval: int = 10  # steps between lines in metrics.jsonl
