@@ -27,7 +27,7 @@ from decode_benchmark import benchmark
 from evaluation import evaluate
 from model import Transformer
 from model_config import PRESETS, ModelConfig
-from training import TrainConfig, train
+from training import OPTIMIZERS, TrainConfig, train
 
 # variant -> model overrides. "mla-no-q" is MLA without query compression, as in DeepSeek-V2-Lite.
 VARIANTS = {"mla": {"attention": "mla"}, "mla-no-q": {"attention": "mla", "q_lora_rank": 0},
@@ -150,6 +150,7 @@ def parse_args(argv=None):
                    help="context of the decode benchmark")
     for flag in ("--max-iters", "--eval-interval", "--eval-iters"):
         p.add_argument(flag, type=positive_int, help="override train.py's default")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="override train.py's default")
     return p.parse_args(argv)
 
 
@@ -170,7 +171,7 @@ def refuse_other_settings(out: Path, settings: dict) -> None:
 
 def study_configs(args) -> dict[tuple[str, int], tuple[ModelConfig, TrainConfig]]:
     """(variant, seed) -> the run's configs, all built (and so checked) before anything trains."""
-    train_overrides = {k: getattr(args, k) for k in ("max_iters", "eval_interval", "eval_iters")
+    train_overrides = {k: getattr(args, k) for k in ("max_iters", "eval_interval", "eval_iters", "optimizer")
                        if getattr(args, k) is not None}
     try:
         base = TrainConfig(data_dir=args.data_dir, **train_overrides)

@@ -23,6 +23,8 @@ from model import Transformer
 from model_config import ModelConfig
 from runtime import DTYPES, device_peak_flops, keep_freed_memory, pick_device, pick_dtype
 
+from attention import MultiHeadLatentAttention
+
 GRAD_CLIP = 1.0
 ADAM_BETAS = (0.9, 0.95)
 
@@ -38,12 +40,82 @@ def lr_at(step: int, tc) -> float:
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
-    """AdamW that decays matrices (embeddings and projections) and leaves norm weights and biases alone."""
-    params = list(model.parameters())  # a tied embedding and LM head appear once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, fused=fused)
+OPTIMIZERS = ("adamw", "muon")
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool, kind: str = "adamw"):
+    """The optimiser train_step() steps. adamw: AdamW on everything, decaying matrices (embeddings and projections)
+    and leaving norm weights and biases alone. muon: MuonWithAdamW, torch's Muon on the 2-D weights inside the
+    blocks and AdamW as above on the rest (the tied embedding / LM head, norm weights)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+    hidden = [p for p in model.layers.parameters() if p.dim() == 2] if kind == "muon" else []
+    rest = [p for p in model.parameters() if p not in set(hidden)]  # a tied weight appears once
+    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=lr, betas=ADAM_BETAS, fused=fused)
+    if kind == "adamw":
+        return adamw
+    return MuonWithAdamW(hidden, stacked_row_blocks(model), adamw, lr, weight_decay)
+
+
+def stacked_row_blocks(model: torch.nn.Module) -> dict[torch.Tensor, list[int]]:
+    """The row counts of the matrices that MLA stacks into one weight, per weight: q_b_proj (q_proj without a
+    query LoRA) holds each head's nope then rope queries, kv_a_proj_with_mqa W_DKV then W_KR, kv_b_proj each
+    head's W_UK then W_UV."""
+    blocks = {}
+    for m in model.modules():
+        if isinstance(m, MultiHeadLatentAttention):
+            q = m.q_b_proj if hasattr(m, "q_b_proj") else m.q_proj
+            blocks[q.weight] = [m.dn, m.dr] * m.n_head
+            blocks[m.kv_a_proj_with_mqa.weight] = [m.r, m.dr]
+            blocks[m.kv_b_proj.weight] = [m.dn, m.dv] * m.n_head
+    return blocks
+
+
+class MuonWithAdamW:
+    """torch's Muon on the hidden matrices and an AdamW over the other parameters, stepped, zeroed and saved as
+    one optimiser. Muon orthogonalises each matrix that MLA stacks (stacked_row_blocks) separately: it steps
+    row blocks that share the stacked weight's storage, whose gradients are the matching rows of the weight's
+    (results/muon.md measures this against one update per weight). Muon scales its lr as Moonlight does
+    (adjust_lr_fn="match_rms_adamw": an update's RMS is 0.2 lr, about AdamW's), so one lr and one weight decay
+    serve both optimisers. No float16 loss scaling (train.py refuses it): GradScaler.unscale_ would miss the
+    blocks' gradients, which step() sets."""
+
+    def __init__(self, hidden: list[torch.Tensor], stacked: dict[torch.Tensor, list[int]],
+                 adamw: torch.optim.AdamW, lr: float, weight_decay: float):
+        self.split = [(w, w.detach().split(stacked[w])) for w in hidden if w in stacked]
+        matrices = [w for w in hidden if w not in stacked] + [b for _, blocks in self.split for b in blocks]
+        self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        self.adamw = adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """Both optimisers' groups, so that train_step sets the lr of every one."""
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        for weight, blocks in self.split:
+            for block, grad in zip(blocks, weight.grad.split([b.size(0) for b in blocks])):
+                block.grad = grad
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+        for weight, _ in self.split:
+            if set_to_none:
+                weight.grad = None
+            elif weight.grad is not None:
+                weight.grad.zero_()
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def train_step(model, optimizer, scaler, next_batch, grad_accum: int, lr: float, autocast) -> torch.Tensor:
@@ -83,7 +155,10 @@ class TrainConfig:
     min_lr: float = field(default=1e-4, metadata={"help": "the cosine decays to this at lr_decay_iters and stays"})
     warmup_iters: int = field(default=50, metadata={"help": "steps of linear warmup"})
     lr_decay_iters: int | None = field(default=None, metadata={"help": "step where the cosine ends; None: max_iters"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay, on matrices only"})
+    weight_decay: float = field(default=0.1, metadata={"help": "weight decay, on matrices only"})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw, or muon: Muon on the 2-D weights inside the blocks and AdamW on the rest, sharing lr and "
+                "weight_decay; muon wants about 3x the lr (--lr 3e-3 --min-lr 3e-4, see results/muon.md)"})
     eval_interval: int = field(default=100, metadata={
         "help": "evaluate, save ckpt.pt (and best.pt when val improves) every this many steps"})
     eval_iters: int = field(default=10, metadata={"help": "batches per split per evaluation"})
@@ -110,6 +185,8 @@ class TrainConfig:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got min_lr {self.min_lr} and lr {self.lr}")
         if self.warmup_iters < 0 or self.weight_decay < 0:
             raise ValueError("warmup_iters and weight_decay must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.dtype not in ("auto", *DTYPES):
@@ -151,6 +228,10 @@ def check_start(tc: TrainConfig, mc: ModelConfig, start: dict | None) -> None:
                      - start.keys())
     if missing:
         raise CLIError(f"cannot resume from {ckpt_path}: it has no {', '.join(missing)} (not written by train.py)")
+    saved_optimizer = start["train_config"].get("optimizer", "adamw")
+    if saved_optimizer != tc.optimizer:
+        raise CLIError(f"cannot resume from {ckpt_path}: it was trained with --optimizer {saved_optimizer}, "
+                       f"not {tc.optimizer}")
     saved = start["model_config"]
     diffs = [f"{name} (checkpoint {saved.get(name)!r}, requested {value!r})"
              for name, value in mc.to_dict().items() if saved.get(name) != value]
@@ -227,8 +308,11 @@ class Trainer:
             load_weights(self.model, start["model"], f"cannot {'resume' if tc.resume else 'start'} from "
                                                      f"{self.out / 'ckpt.pt' if tc.resume else tc.init_from}")
         self.model.to(rt.device)
-        self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, fused=rt.device_type == "cuda")
+        self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, fused=rt.device_type == "cuda",
+                                        kind=tc.optimizer)
         self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
+        if self.scaler.is_enabled() and tc.optimizer == "muon":
+            raise CLIError("--optimizer muon does not support float16 loss scaling; pass --dtype bfloat16 or float32")
         if tc.resume:
             self.restore(start)
         self.train_model = self.eval_model = torch.compile(self.model) if rt.compile else self.model
