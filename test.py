@@ -3,13 +3,15 @@ cache and speed against MHA and GQA.
 
     python test.py --ckpt out/shakespeare/best.pt                          # loss, perplexity, bits per byte
     python test.py --ckpt out/shakespeare/best.pt --prompt "ROMEO:"        # stream a sample
-    python test.py --bench --preset gpt2-small --contexts 256 1024 4096    # cache bytes and decode speed
+    python test.py --bench                                                 # MLA's decode against MHA and GQA
 """
 import argparse
 import codecs
 import json
+import math
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import CLIError, run
 from data_prepare import PreparedData
-from decode_benchmark import benchmark, markdown_table
+from decode_benchmark import CAPACITY_COLUMNS, PROBE_BYTES, SWEEP_COLUMNS, DecodeBench, plot, table_header, table_line
 from evaluation import evaluate
 from model import Transformer
 from model_config import PRESETS
@@ -86,19 +88,51 @@ def sample_command(model: Transformer, args, device):
 
 
 def bench_command(args, device):
-    if (args.ckpt is None) == (args.preset is None):
-        raise CLIError("--bench needs exactly one of --ckpt (its model config) or --preset NAME")
-    config = model_from_checkpoint(load_checkpoint(args.ckpt)).config if args.ckpt else PRESETS[args.preset]
-    if min(args.contexts) < 2 or min(args.batches) < 1 or args.steps < 1 or args.prefill_runs < 1:
-        raise CLIError("--contexts must be >= 2, --batches, --steps and --prefill-runs >= 1")
-    rows = benchmark(config, args.contexts, args.batches, device, DTYPES[args.dtype], args.steps, args.prefill_runs)
+    if args.ckpt is not None and args.preset is not None:
+        raise CLIError("--bench takes --ckpt (its model config) or --preset NAME, not both")
+    check_bench_args(args)
+    name = args.ckpt or args.preset or "gpt2-small"
+    config = model_from_checkpoint(load_checkpoint(args.ckpt)).config if args.ckpt else PRESETS[name]
+    config = replace(config, n_layer=args.layers or config.n_layer)
     threads = f"CPU, {torch.get_num_threads()} thread(s)"
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
-    print(f"{hardware}, torch {torch.__version__}, {args.dtype}, random weights")
-    print(markdown_table(rows))
+    print(f"{hardware}, torch {torch.__version__}, {args.dtype}{', compiled' if args.compile else ''}; "
+          f"{name}'s config with {config.n_layer} layers, random weights, caches filled with random values "
+          f"instead of a prefill; median of {args.steps} steps per row, the variants' steps interleaved; bytes "
+          f"and FLOPs per step counted from the config; machine GB/s: a sum over {PROBE_BYTES / 2**30:g} GiB "
+          f"of float32 after every round of steps", flush=True)
+    bench = DecodeBench(config, max(args.contexts), device, DTYPES[args.dtype], args.steps, args.compile)
+    if args.cache_budget_gib is None:
+        columns, groups = SWEEP_COLUMNS, bench.sweep(args.contexts, args.batches or [1])
+    else:
+        print(f"largest batch whose cache fits in {args.cache_budget_gib:g} GiB, and its decode speed", flush=True)
+        budget = int(args.cache_budget_gib * 2**30)
+        columns, groups = CAPACITY_COLUMNS, (bench.capacity(context, budget) for context in args.contexts)
+    print(table_header(columns), flush=True)
+    rows = []
+    for group in groups:
+        for row in group:
+            print(table_line(row, columns), flush=True)
+        rows += group
+    if args.plot and (note := plot(rows, args.plot)):
+        print(note, file=sys.stderr)
     if args.json:
         print(json.dumps({"device": hardware, "torch": torch.__version__, "dtype": args.dtype,
-                          "model_config": config.to_dict(), "rows": rows}))
+                          "compile": args.compile, "model_config": config.to_dict(), "rows": rows}))
+
+
+def check_bench_args(args):
+    if min(args.contexts) < 2:
+        raise CLIError("--contexts must be at least 2 (one cached position and the new token)")
+    if (args.batches and min(args.batches) < 1) or args.steps < 1 or (args.layers is not None and args.layers < 1):
+        raise CLIError("--batches, --steps and --layers must be at least 1")
+    if args.cache_budget_gib is not None:
+        if not (math.isfinite(args.cache_budget_gib) and args.cache_budget_gib > 0):
+            raise CLIError(f"--cache-budget-gib must be a positive number of GiB, got {args.cache_budget_gib}")
+        if args.batches or args.plot:
+            raise CLIError("--cache-budget-gib finds the batch that fits; it takes no --batches and no --plot")
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        raise CLIError(f"--plot {args.plot}: no such directory {Path(args.plot).resolve().parent}")
 
 
 # ---- evaluation command -------------------------------------------------------------------------
@@ -144,14 +178,19 @@ def parse_args(argv=None):
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--seed", type=int, default=1337)
     add_tokenizer_argument(s)
-    b = p.add_argument_group("benchmark (--bench)")
+    b = p.add_argument_group("benchmark (--bench): decode speed of MLA, MHA and GQA across contexts")
     b.add_argument("--bench", action="store_true")
-    b.add_argument("--preset", choices=sorted(PRESETS), help="benchmark this preset instead of --ckpt's config")
-    b.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
-    b.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    b.add_argument("--preset", choices=sorted(PRESETS), help="benchmark this preset's config (default: gpt2-small, "
+                                                             "or --ckpt's config)")
+    b.add_argument("--layers", type=int, help="override the config's n_layer (fewer make long contexts cheap)")
+    b.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192], help="positions each step attends to")
+    b.add_argument("--batches", type=int, nargs="+", help="sequences decoded per step (default: 1)")
+    b.add_argument("--steps", type=int, default=3, help="timed decode steps per row (median and range)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    b.add_argument("--steps", type=int, default=10, help="timed decode steps per row")
-    b.add_argument("--prefill-runs", type=int, default=3, help="timed prefills per row")
+    b.add_argument("--compile", action="store_true", help="torch.compile the decode step (reduce-overhead on CUDA)")
+    b.add_argument("--cache-budget-gib", type=float, help="instead of the sweep: the largest batch whose cache "
+                                                          "fits in this many GiB, and its decode speed, at each context")
+    b.add_argument("--plot", help="also draw decode tok/s against context into this PNG")
     return p.parse_args(argv)
 
 
