@@ -29,7 +29,9 @@ from runtime import synchronize
 VARIANTS = {"mla absorbed": ("mla", True), "mla decompressed": ("mla", False), "mha": ("mha", True),
             "gqa": ("gqa", True)}
 CAPACITY_VARIANTS = ("mla absorbed", "mha", "gqa")  # one per attention kind: MLA decodes absorbed
-MEMORY_MARGIN = 2**30  # left free beyond the caches and a step's temporaries: activations, allocator slack
+# Left free beyond the caches and a step's temporaries, for activations and allocator slack, and on a shared
+# machine for other processes' growth: with 1 GiB, a run beside other jobs on a 24 GiB machine was OOM-killed.
+MEMORY_MARGIN = 3 * 2**30
 PROBE_BYTES = 2**30  # the bandwidth probe sums this much float32, far more than any CPU cache holds
 
 
@@ -160,16 +162,18 @@ class DecodeBench:
         """The rows of every variant at each batch and context, one list per (batch, context) as it is measured."""
         for batch in batches:
             for context in contexts:
-                yield self.measure([(name, batch) for name in VARIANTS], context)
+                yield with_ratio_to_mha(self.measure([(name, batch) for name in VARIANTS], context))
 
     def capacity(self, context: int, budget_bytes: int) -> list[dict]:
         """Per attention kind, the largest batch whose cache of context positions fits in budget_bytes, and its
-        aggregate decode speed at that batch (rows in CAPACITY_VARIANTS' order; batch 0 if one sequence is over)."""
-        batches = {name: budget_bytes // self.cache_bytes(name, 1, context) for name in CAPACITY_VARIANTS}
-        measured = iter(self.measure([(name, b) for name, b in batches.items() if b], context))
-        rows = [next(measured) if b else self.refused(name, 0, context, self.cache_bytes(name, 1, context))
-                for name, b in batches.items()]
-        return [{**row, "budget_bytes": budget_bytes} for row in rows]
+        aggregate decode speed at that batch (rows in CAPACITY_VARIANTS' order; batch 0 if one sequence is over).
+        The kinds are timed one after another, so that memory holds one budget's cache at a time."""
+        rows = []
+        for name in CAPACITY_VARIANTS:
+            batch = budget_bytes // self.cache_bytes(name, 1, context)
+            rows += self.measure([(name, batch)], context) if batch else [
+                self.refused(name, 0, context, self.cache_bytes(name, 1, context))]
+        return [{**row, "budget_bytes": budget_bytes} for row in with_ratio_to_mha(rows)]
 
     def cache_bytes(self, name: str, batch: int, context: int) -> int:
         return cache_bytes(self.configs[VARIANTS[name][0]], batch, context, self.element_size)
@@ -199,13 +203,8 @@ class DecodeBench:
                 bandwidths.append(memory_bandwidth(self.probe))
         del caches
         release_freed_memory(self.device)
-        rows = [self.row(name, batch, context, seconds[name, batch], bandwidths) if (name, batch) in seconds
+        return [self.row(name, batch, context, seconds[name, batch], bandwidths) if (name, batch) in seconds
                 else self.refused(name, batch, context, needs[name, batch]) for name, batch in plan]
-        mha = next((r for r in rows if r["attention"] == "mha" and r["fits"]), None)
-        for row in rows:
-            if row["fits"] and mha:
-                row["tokens_per_s_vs_mha"] = row["decode_tokens_per_s"] / mha["decode_tokens_per_s"]
-        return rows
 
     def allocate(self, plan: list[tuple[str, int]], context: int) -> tuple[dict, dict]:
         """Caches filled with random values for the pairs of plan that fit in memory, smallest first: each
@@ -244,6 +243,13 @@ class DecodeBench:
     @staticmethod
     def refused(name: str, batch: int, context: int, needs_bytes: int) -> dict:
         return {"attention": name, "batch": batch, "context": context, "fits": False, "needs_bytes": needs_bytes}
+
+
+def with_ratio_to_mha(rows: list[dict]) -> list[dict]:
+    """rows, each measured one with its decode tok/s divided by MHA's among them, where MHA was measured."""
+    mha = next((r for r in rows if r["attention"] == "mha" and r["fits"]), None)
+    return [{**r, "tokens_per_s_vs_mha": r["decode_tokens_per_s"] / mha["decode_tokens_per_s"]} if r["fits"] and mha
+            else r for r in rows]
 
 
 @torch.no_grad()

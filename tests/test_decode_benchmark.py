@@ -162,6 +162,7 @@ def plotted_rows() -> list[dict]:
 
 
 def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")  # optional: requirements.txt does not name it
     path = tmp_path / "decode.png"
     assert bench.plot(plotted_rows(), path) is None
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
