@@ -96,11 +96,12 @@ def bench_command(args, device):
     config = replace(config, n_layer=args.layers or config.n_layer)
     threads = f"CPU, {torch.get_num_threads()} thread(s)"
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
+    order = "the variants' steps interleaved" if args.cache_budget_gib is None else "one kind after another"
     print(f"{hardware}, torch {torch.__version__}, {args.dtype}{', compiled' if args.compile else ''}; "
           f"{name}'s config with {config.n_layer} layers, random weights, caches filled with random values "
-          f"instead of a prefill; median of {args.steps} steps per row, the variants' steps interleaved; bytes "
-          f"and FLOPs per step counted from the config; machine GB/s: a sum over {PROBE_BYTES / 2**30:g} GiB "
-          f"of float32 after every round of steps", flush=True)
+          f"instead of a prefill; median of {args.steps} steps per row, {order}; bytes and FLOPs per step "
+          f"counted from the config; machine GB/s: a sum over {PROBE_BYTES / 2**30:g} GiB of float32 after every "
+          f"round of steps", flush=True)
     bench = DecodeBench(config, max(args.contexts), device, DTYPES[args.dtype], args.steps, args.compile)
     if args.cache_budget_gib is None:
         columns, groups = SWEEP_COLUMNS, bench.sweep(args.contexts, args.batches or [1])
