@@ -1,79 +1,43 @@
-"""The decode benchmark: prefill and decode speed and KV-cache size of MLA (absorbed, and decompressing its cache
-every step), MHA and GQA at the same depth and width. Used by test.py --bench and compare.py."""
+"""The decode study: how fast MLA decodes over its latent cache (absorbed), and decompressing that cache every
+step, against MHA and GQA at the same depth and width, across contexts and batch sizes; the bytes and FLOPs each
+step must move, against this machine's memory bandwidth measured in the same run; and how large a batch each
+attention kind fits in a cache budget. Used by test.py --bench and compare.py.
+
+Weights are random, and caches are filled with random values instead of a prefill: a prefill of 32K tokens
+would dominate the run, and a decode step reads random latents the same way it reads real ones.
+"""
+import ctypes
 import itertools
+import re
 import statistics
+import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from attention import MultiHeadLatentAttention
-from model import Transformer
+from cli import CLIError, atomic_write
+from model import Cache, Transformer, compile_decode_step
 from model_config import ModelConfig
 from runtime import synchronize
 
-
-# name -> (attention kind, MLA's absorb flag). Both MLA rows share one model, prefill and cache.
+# name -> (attention kind, MLA's absorb flag). Both MLA variants share one model and one cache.
 VARIANTS = {"mla absorbed": ("mla", True), "mla decompressed": ("mla", False), "mha": ("mha", True),
             "gqa": ("gqa", True)}
+CAPACITY_VARIANTS = ("mla absorbed", "mha", "gqa")  # one per attention kind: MLA decodes absorbed
+# Left free beyond the caches and a step's temporaries, for activations and allocator slack, and on a shared
+# machine for other processes' growth: with 1 GiB, a run beside other jobs on a 24 GiB machine was OOM-killed.
+MEMORY_MARGIN = 3 * 2**30
+PROBE_BYTES = 2**30  # the bandwidth probe sums this much float32, far more than any CPU cache holds
 
 
-def benchmark(config: ModelConfig, contexts: list[int], batches: list[int], device, dtype: torch.dtype,
-              decode_steps: int = 10, prefill_runs: int = 3) -> list[dict]:
-    """Prefill and decode speed and KV-cache size of MLA (absorbed, and decompressing its cache every step),
-    MHA and GQA built from config with attention overridden, random weights, at every batch and context.
-
-    Decode at context L: prefill L - 1 tokens into a cache of capacity L, then time decode steps of the L-th
-    token (rewinding the cache before each), median of decode_steps after two untimed. The variants take
-    their decode steps in turn, so a change in machine load touches all of them alike. Prefill: median of
-    prefill_runs. Cache bytes come from the real cache (Cache.nbytes) -> one dict per row."""
-    device = torch.device(device)
-    kinds = dict.fromkeys(kind for kind, _ in VARIANTS.values())
-    models = {kind: bench_model(config, kind, max(contexts), device, dtype) for kind in kinds}
-    rows = []
-    for batch, context in tqdm(list(itertools.product(batches, contexts)), desc="bench", leave=False):
-        caches, prefill_s = {}, {}
-        prompt = torch.randint(config.vocab_size, (batch, context - 1), device=device)
-        for kind, model in models.items():
-            caches[kind] = model.make_cache(batch, context)
-            prefill_s[kind] = statistics.median(timed(model, prompt, caches[kind], 0) for _ in range(prefill_runs))
-        step_s = {name: [] for name in VARIANTS}
-        for _ in range(2 + decode_steps):
-            for name, (kind, absorb) in VARIANTS.items():
-                set_absorb(models[kind], absorb)
-                step_s[name].append(timed(models[kind], prompt[:, -1:], caches[kind], context - 1))
-        for name, (kind, _) in VARIANTS.items():
-            decode_s, nbytes = statistics.median(step_s[name][2:]), caches[kind].nbytes
-            rows.append({"attention": name, "batch": batch, "context": context,
-                         "params": sum(p.numel() for p in models[kind].parameters()),
-                         "prefill_tokens_per_s": batch * (context - 1) / prefill_s[kind],
-                         "decode_tokens_per_s": batch / decode_s, "decode_ms_per_step": 1e3 * decode_s,
-                         "cache_bytes": nbytes, "cache_bytes_per_token": nbytes / (batch * context)})
-    return rows
-
-
-def bench_model(config: ModelConfig, kind: str, block_size: int, device: torch.device, dtype) -> Transformer:
-    """config's model with attention kind, random weights, warmed up by one untimed prefill and decode step."""
-    torch.manual_seed(0)
-    model = Transformer(replace(config, attention=kind, block_size=block_size, dropout=0.0))
-    model = model.to(device=device, dtype=dtype).eval()
-    cache, token = model.make_cache(1, 2), torch.zeros(1, 1, dtype=torch.long, device=device)
-    for start in (0, 1):
-        timed(model, token, cache, start)
-    return model
-
-
-@torch.no_grad()
-def timed(model: Transformer, idx: torch.Tensor, cache, start: int) -> float:
-    """Seconds for one cached forward of idx (B, T) at positions start .. start + T - 1 (the cache rewound
-    to start first), waiting for the GPU to finish."""
-    input_pos = torch.arange(start, start + idx.size(1), device=idx.device)
-    synchronize(idx.device)
-    begin = time.perf_counter()
-    model(idx, cache=cache, input_pos=input_pos)
-    synchronize(idx.device)
-    return time.perf_counter() - begin
+def decode_step(model: Transformer, token: torch.Tensor, cache: Cache, position: int) -> torch.Tensor:
+    """One cached decode step of token (B, 1) at slot `position` (slots 0..position-1 hold the context)."""
+    return model.decode_step(token, cache, torch.tensor([position], device=token.device))
 
 
 def set_absorb(model: Transformer, absorb: bool):
@@ -83,17 +47,295 @@ def set_absorb(model: Transformer, absorb: bool):
             module.absorb = absorb
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The benchmark rows as a markdown table, with cache size and decode speed relative to MHA's."""
-    mha = {(r["batch"], r["context"]): r for r in rows if r["attention"] == "mha"}
-    lines = ["| attention | params | batch | context | prefill tok/s | decode tok/s | decode ms/step "
-             "| cache B/token | cache MiB | cache ÷ MHA | decode tok/s ÷ MHA |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    for r in rows:
-        base = mha[r["batch"], r["context"]]
-        lines.append(f"| {r['attention']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['context']} "
-                     f"| {r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.1f} "
-                     f"| {r['decode_ms_per_step']:.2f} | {r['cache_bytes_per_token']:,.0f} "
-                     f"| {r['cache_bytes'] / 2**20:,.1f} | {r['cache_bytes'] / base['cache_bytes']:.4f} "
-                     f"| {r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f} |")
-    return "\n".join(lines)
+# ---- what a step must read and compute ----------------------------------------------------------
+
+def cache_bytes(config: ModelConfig, batch: int, context: int, element_size: int) -> int:
+    """Bytes of the decode cache of batch sequences of context positions, all layers together."""
+    return batch * context * config.n_layer * config.kv_cache_values_per_token_per_layer() * element_size
+
+
+def step_bytes(config: ModelConfig, batch: int, context: int, element_size: int) -> int:
+    """Bytes one decode step of batch tokens must read, each token attending to context positions: every weight
+    once (a tied embedding and LM head once) and the cache of those positions."""
+    return config.num_params() * element_size + cache_bytes(config, batch, context, element_size)
+
+
+def step_flops(config: ModelConfig, batch: int, context: int, absorb: bool = True) -> int:
+    """FLOPs of one decode step of batch tokens, each attending to context positions: 2 per matmul weight and
+    token (the LM head's included, as flops_per_token counts them) plus 2 per multiply-add of attention's scores
+    and weighted sum. Per head and position, MHA/GQA multiply keys and values of head_dim; absorbed MLA its
+    latent key [c_KV | k_rope] (r + dr) and latent value c_KV (r); decompressing MLA first runs kv_b_proj over
+    every position, then attends to keys of dn + dr and values of dv."""
+    c = config
+    weights = c.non_embedding_params() + c.vocab_size * c.d_model
+    if c.attention != "mla":
+        per_head_and_position = 2 * c.head_dim
+    elif absorb:
+        per_head_and_position = 2 * c.kv_lora_rank + c.qk_rope_head_dim
+    else:
+        kv_b_proj = c.kv_lora_rank * c.n_head * (c.qk_nope_head_dim + c.v_head_dim)
+        weights += c.n_layer * kv_b_proj * (context - 1)  # weights already counts it once, for the new token
+        per_head_and_position = c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim
+    return 2 * batch * (weights + c.n_layer * c.n_head * context * per_head_and_position)
+
+
+def working_bytes(config: ModelConfig, batch: int, context: int, element_size: int, absorb: bool) -> int:
+    """Memory a step holds for a moment beyond the cache. Decompressing MLA makes the per-head keys and values of
+    every position, one layer at a time, and a copy of them to attend with; other steps' temporaries are small."""
+    if config.attention != "mla" or absorb:
+        return 0
+    c = config
+    return 2 * batch * context * c.n_head * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * element_size
+
+
+# ---- the machine --------------------------------------------------------------------------------
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on device: the GPU's free memory and the allocator's unused cache, or
+    the kernel's MemAvailable on Linux; None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu" and sys.platform == "linux":
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(re.search(r"^MemAvailable:\s+(\d+) kB$", meminfo, re.MULTILINE).group(1)) * 1024
+    return None
+
+
+def release_freed_memory(device: torch.device):
+    """Hand the memory glibc keeps after frees (runtime.keep_freed_memory) back to the kernel, so that
+    MemAvailable counts it again. The CUDA allocator's cache is counted by available_memory already."""
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
+    if device.type == "cpu" and malloc_trim is not None:
+        malloc_trim(0)
+
+
+def memory_bandwidth(probe: torch.Tensor) -> float:
+    """Bytes per second of one sum over probe, a tensor far larger than the caches: the rate at which this
+    machine streams memory, for the steps timed beside it."""
+    synchronize(probe.device)
+    begin = time.perf_counter()
+    probe.sum()
+    synchronize(probe.device)
+    return probe.numel() * probe.element_size() / (time.perf_counter() - begin)
+
+
+# ---- the benchmark ------------------------------------------------------------------------------
+
+class DecodeBench:
+    """One model per attention kind built from config (random weights, block_size raised to max_context), ready
+    to time decode steps at any batch and context up to max_context."""
+
+    def __init__(self, config: ModelConfig, max_context: int, device, dtype: torch.dtype, steps: int,
+                 compile: bool = False):
+        self.device, self.dtype, self.steps = torch.device(device), dtype, steps
+        self.element_size = torch.empty(0, dtype=dtype).element_size()
+        self.configs = {kind: replace(config, attention=kind, block_size=max_context, dropout=0.0)
+                        for kind, _ in VARIANTS.values()}
+        self.models = {kind: self.build(c) for kind, c in self.configs.items()}
+        self.step_functions = {kind: self.step_function(model, compile) for kind, model in self.models.items()}
+        # Untimed rounds before each row's timed ones; CUDA graphs (reduce-overhead) are recorded on the third call.
+        self.warmup = 3 if compile else 1
+        self.probe = torch.ones(PROBE_BYTES // 4, device=self.device)
+
+    def build(self, config: ModelConfig) -> Transformer:
+        torch.manual_seed(0)
+        return Transformer(config).to(device=self.device, dtype=self.dtype).eval()
+
+    def step_function(self, model: Transformer, compile: bool) -> Callable:
+        """decode_step on model, with the model's decode step compiled and run once (untimed) when compile is set."""
+        def step(token, cache, position):
+            return decode_step(model, token, cache, position)
+        if not compile:
+            return step
+        compile_decode_step(model)
+        try:
+            with torch.no_grad():
+                step(torch.zeros(1, 1, dtype=torch.long, device=self.device), model.make_cache(1, 2), 1)
+        except Exception as err:  # any compiler failure: say what it was, in one line
+            raise CLIError(f"--compile failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}") from None
+        return step
+
+    def sweep(self, contexts: list[int], batches: list[int]) -> Iterator[list[dict]]:
+        """The rows of every variant at each batch and context, one list per (batch, context) as it is measured."""
+        for batch in batches:
+            for context in contexts:
+                yield with_ratio_to_mha(self.measure([(name, batch) for name in VARIANTS], context))
+
+    def capacity(self, context: int, budget_bytes: int) -> list[dict]:
+        """Per attention kind, the largest batch whose cache of context positions fits in budget_bytes, and its
+        aggregate decode speed at that batch (rows in CAPACITY_VARIANTS' order; batch 0 if one sequence is over).
+        The kinds are timed one after another, so that memory holds one budget's cache at a time."""
+        rows = []
+        for name in CAPACITY_VARIANTS:
+            batch = budget_bytes // self.cache_bytes(name, 1, context)
+            rows += self.measure([(name, batch)], context) if batch else [
+                self.refused(name, 0, context, self.cache_bytes(name, 1, context))]
+        return [{**row, "budget_bytes": budget_bytes} for row in with_ratio_to_mha(rows)]
+
+    def cache_bytes(self, name: str, batch: int, context: int) -> int:
+        return cache_bytes(self.configs[VARIANTS[name][0]], batch, context, self.element_size)
+
+    def working_bytes(self, name: str, batch: int, context: int) -> int:
+        kind, absorb = VARIANTS[name]
+        return working_bytes(self.configs[kind], batch, context, self.element_size, absorb)
+
+    def measure(self, plan: list[tuple[str, int]], context: int) -> list[dict]:
+        """Time decode steps of plan's (variant, batch) pairs at context, interleaved: every round takes one step
+        of each pair in turn, then one bandwidth probe, so that a change in machine load touches all alike. A
+        pair whose cache does not fit in memory is not run. -> one row per pair, in plan's order."""
+        caches, needs = self.allocate(plan, context)
+        admitted = [pair for pair in plan if pair not in needs]
+        tokens = {batch: torch.randint(self.configs["mla"].vocab_size, (batch, 1), device=self.device)
+                  for _, batch in admitted}
+        seconds, bandwidths = {pair: [] for pair in admitted}, []
+        rounds = range(self.warmup + self.steps) if admitted else range(0)
+        for i in tqdm(rounds, desc=f"context {context}", leave=False, delay=2):
+            for name, batch in admitted:
+                kind, absorb = VARIANTS[name]
+                set_absorb(self.models[kind], absorb)
+                elapsed = timed(self.step_functions[kind], tokens[batch], caches[kind, batch], context - 1)
+                if i >= self.warmup:
+                    seconds[name, batch].append(elapsed)
+            if i >= self.warmup:
+                bandwidths.append(memory_bandwidth(self.probe))
+        del caches
+        release_freed_memory(self.device)
+        return [self.row(name, batch, context, seconds[name, batch], bandwidths) if (name, batch) in seconds
+                else self.refused(name, batch, context, needs[name, batch]) for name, batch in plan]
+
+    def allocate(self, plan: list[tuple[str, int]], context: int) -> tuple[dict, dict]:
+        """Caches filled with random values for the pairs of plan that fit in memory, smallest first: each
+        must fit with the largest temporaries of any step run beside it, and a margin.
+        -> (kind, batch) -> cache, and (variant, batch) -> bytes needed for each pair that does not fit."""
+        caches, needs, temporaries = {}, {}, 0
+        for name, batch in sorted(plan, key=lambda p: self.cache_bytes(*p, context) + self.working_bytes(*p, context)):
+            kind = VARIANTS[name][0]
+            new = 0 if (kind, batch) in caches else self.cache_bytes(name, batch, context)
+            work = self.working_bytes(name, batch, context)
+            available = available_memory(self.device)
+            if available is not None and new + max(temporaries, work) + MEMORY_MARGIN > available:
+                needs[name, batch] = self.cache_bytes(name, batch, context) + work
+                continue
+            temporaries = max(temporaries, work)
+            if (kind, batch) not in caches:
+                caches[kind, batch] = self.models[kind].make_cache(batch, context)
+                for layer in caches[kind, batch].layers:
+                    for tensor in layer.tensors:
+                        tensor.normal_()
+        return caches, needs
+
+    def row(self, name: str, batch: int, context: int, seconds: list[float], bandwidths: list[float]) -> dict:
+        kind, absorb = VARIANTS[name]
+        config, median = self.configs[kind], statistics.median(seconds)
+        nbytes = step_bytes(config, batch, context, self.element_size)
+        flops = step_flops(config, batch, context, absorb)
+        machine = statistics.median(bandwidths)
+        return {"attention": name, "batch": batch, "context": context, "fits": True,
+                "decode_tokens_per_s": batch / median, "ms_per_step": 1e3 * median,
+                "ms_per_step_min": 1e3 * min(seconds), "ms_per_step_max": 1e3 * max(seconds),
+                "cache_bytes": self.cache_bytes(name, batch, context), "bytes_per_step": nbytes,
+                "flops_per_step": flops, "bytes_per_s": nbytes / median, "machine_bytes_per_s": machine,
+                "bandwidth_fraction": nbytes / median / machine, "flops_per_s": flops / median}
+
+    @staticmethod
+    def refused(name: str, batch: int, context: int, needs_bytes: int) -> dict:
+        return {"attention": name, "batch": batch, "context": context, "fits": False, "needs_bytes": needs_bytes}
+
+
+def with_ratio_to_mha(rows: list[dict]) -> list[dict]:
+    """rows, each measured one with its decode tok/s divided by MHA's among them, where MHA was measured."""
+    mha = next((r for r in rows if r["attention"] == "mha" and r["fits"]), None)
+    return [{**r, "tokens_per_s_vs_mha": r["decode_tokens_per_s"] / mha["decode_tokens_per_s"]} if r["fits"] and mha
+            else r for r in rows]
+
+
+@torch.no_grad()
+def timed(step: Callable, token: torch.Tensor, cache, position: int) -> float:
+    """Seconds for one decode step, waiting for the GPU to finish."""
+    synchronize(token.device)
+    begin = time.perf_counter()
+    step(token, cache, position)
+    synchronize(token.device)
+    return time.perf_counter() - begin
+
+
+def benchmark(config: ModelConfig, contexts: list[int], batches: list[int], device, dtype: torch.dtype,
+              steps: int = 5) -> list[dict]:
+    """The decode sweep's rows: every variant at every batch and context (see DecodeBench)."""
+    bench = DecodeBench(config, max(contexts), device, dtype, steps)
+    return [row for rows in bench.sweep(contexts, batches) for row in rows]
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+
+def ratio(row: dict) -> str:
+    return f"{row['tokens_per_s_vs_mha']:.2f}" if "tokens_per_s_vs_mha" in row else "–"
+
+
+# (heading, cell) for each column; a row that did not fit shows its first three cells, then what it needs.
+SWEEP_COLUMNS = (
+    ("attention", lambda r: r["attention"]), ("batch", lambda r: f"{r['batch']}"),
+    ("context", lambda r: f"{r['context']}"), ("decode tok/s", lambda r: f"{r['decode_tokens_per_s']:,.1f}"),
+    ("ms/step", lambda r: f"{r['ms_per_step']:,.1f}"),
+    ("ms/step min–max", lambda r: f"{r['ms_per_step_min']:,.1f}–{r['ms_per_step_max']:,.1f}"),
+    ("cache MiB", lambda r: f"{r['cache_bytes'] / 2**20:,.1f}"),
+    ("MiB read/step", lambda r: f"{r['bytes_per_step'] / 2**20:,.1f}"),
+    ("GFLOP/step", lambda r: f"{r['flops_per_step'] / 1e9:,.2f}"),
+    ("GB/s", lambda r: f"{r['bytes_per_s'] / 1e9:,.1f}"),
+    ("machine GB/s", lambda r: f"{r['machine_bytes_per_s'] / 1e9:,.1f}"),
+    ("% of machine GB/s", lambda r: f"{100 * r['bandwidth_fraction']:.0f}%"),
+    ("GFLOP/s", lambda r: f"{r['flops_per_s'] / 1e9:,.1f}"), ("tok/s ÷ MHA", ratio),
+)
+CAPACITY_COLUMNS = (
+    ("attention", lambda r: r["attention"]), ("context", lambda r: f"{r['context']}"),
+    ("largest batch", lambda r: f"{r['batch']}"), ("cache GiB", lambda r: f"{r['cache_bytes'] / 2**30:,.2f}"),
+    ("decode tok/s (all sequences)", lambda r: f"{r['decode_tokens_per_s']:,.1f}"),
+    ("ms/step", lambda r: f"{r['ms_per_step']:,.1f}"),
+    ("ms/step min–max", lambda r: f"{r['ms_per_step_min']:,.1f}–{r['ms_per_step_max']:,.1f}"),
+    ("% of machine GB/s", lambda r: f"{100 * r['bandwidth_fraction']:.0f}%"), ("tok/s ÷ MHA", ratio),
+)
+
+
+def table_header(columns) -> str:
+    return "| " + " | ".join(heading for heading, _ in columns) + " |\n|---|" + "--:|" * (len(columns) - 1)
+
+
+def table_line(row: dict, columns) -> str:
+    if row["fits"]:
+        cells = [cell(row) for _, cell in columns]
+    else:
+        cells = [cell(row) for _, cell in columns[:3]] + [f"does not fit (needs {row['needs_bytes'] / 2**30:,.1f} GiB)"]
+        cells += [""] * (len(columns) - len(cells))
+    return "| " + " | ".join(cells) + " |"
+
+
+def plot(rows: list[dict], path) -> str | None:
+    """Draw decode tok/s against context (log2 axis), one line per variant and batch, into the PNG at path
+    (written atomically). -> None, or a note saying what it would draw when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return (f"note: {path} not drawn: decode tok/s against context for each variant and batch needs "
+                f"matplotlib (pip install matplotlib)")
+    batches = sorted({r["batch"] for r in rows})
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for color, name in zip(("C0", "C1", "C2", "C3"), VARIANTS):
+        for style, batch in zip(itertools.cycle(("-", "--", ":", "-.")), batches):
+            points = [(r["context"], r["decode_tokens_per_s"]) for r in rows
+                      if r["attention"] == name and r["batch"] == batch and r["fits"]]
+            if points:
+                ax.plot(*zip(*points), color=color, linestyle=style, marker="o", label=f"{name}, batch {batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tokens/s (all sequences of the batch)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return None

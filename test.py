@@ -3,12 +3,13 @@ cache and speed against MHA and GQA.
 
     python test.py --ckpt out/shakespeare/best.pt                          # loss, perplexity, bits per byte
     python test.py --ckpt out/shakespeare/best.pt --prompt "ROMEO:"        # stream a sample
-    python test.py --bench --preset gpt2-small --contexts 256 1024 4096    # cache bytes and decode speed
+    python test.py --bench                                                 # MLA's decode against MHA and GQA
 """
 import codecs
 import json
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, CLIError, non_negative_float, number, positive_float, positive_int, run
 from data_prepare import PreparedData
-from decode_benchmark import benchmark, markdown_table
+from decode_benchmark import CAPACITY_COLUMNS, PROBE_BYTES, SWEEP_COLUMNS, DecodeBench, plot, table_header, table_line
 from evaluation import evaluate
 from model import Transformer, compile_decode_step, left_pad
 from model_config import PRESETS
@@ -125,19 +126,46 @@ def sample_command(model: Transformer, args, device):
 
 
 def bench_command(args, device):
-    if (args.ckpt is None) == (args.preset is None):
-        raise CLIError("--bench needs exactly one of --ckpt (its model config) or --preset NAME")
-    config = model_from_checkpoint(load_checkpoint(args.ckpt)).config if args.ckpt else PRESETS[args.preset]
-    if min(args.contexts) < 2 or min(args.batches) < 1 or args.steps < 1 or args.prefill_runs < 1:
-        raise CLIError("--contexts must be >= 2, --batches, --steps and --prefill-runs >= 1")
-    rows = benchmark(config, args.contexts, args.batches, device, DTYPES[args.dtype], args.steps, args.prefill_runs)
+    if args.ckpt is not None and args.preset is not None:
+        raise CLIError("--bench takes --ckpt (its model config) or --preset NAME, not both")
+    check_bench_args(args)
+    name = args.ckpt or args.preset or "gpt2-small"
+    config = model_from_checkpoint(load_checkpoint(args.ckpt)).config if args.ckpt else PRESETS[name]
+    config = replace(config, n_layer=args.layers or config.n_layer)
     threads = f"CPU, {torch.get_num_threads()} thread(s)"
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
-    print(f"{hardware}, torch {torch.__version__}, {args.dtype}, random weights")
-    print(markdown_table(rows))
+    order = "the variants' steps interleaved" if args.cache_budget_gib is None else "one kind after another"
+    print(f"{hardware}, torch {torch.__version__}, {args.dtype}{', compiled' if args.compile else ''}; "
+          f"{name}'s config with {config.n_layer} layers, random weights, caches filled with random values "
+          f"instead of a prefill; median of {args.steps} steps per row, {order}; bytes and FLOPs per step "
+          f"counted from the config; machine GB/s: a sum over {PROBE_BYTES / 2**30:g} GiB of float32 after every "
+          f"round of steps", flush=True)
+    bench = DecodeBench(config, max(args.contexts), device, DTYPES[args.dtype], args.steps, args.compile)
+    if args.cache_budget_gib is None:
+        columns, groups = SWEEP_COLUMNS, bench.sweep(args.contexts, args.batches or [1])
+    else:
+        print(f"largest batch whose cache fits in {args.cache_budget_gib:g} GiB, and its decode speed", flush=True)
+        budget = int(args.cache_budget_gib * 2**30)
+        columns, groups = CAPACITY_COLUMNS, (bench.capacity(context, budget) for context in args.contexts)
+    print(table_header(columns), flush=True)
+    rows = []
+    for group in groups:
+        for row in group:
+            print(table_line(row, columns), flush=True)
+        rows += group
+    if args.plot and (note := plot(rows, args.plot)):
+        print(note, file=sys.stderr)
     if args.json:
         print(json.dumps({"device": hardware, "torch": torch.__version__, "dtype": args.dtype,
-                          "model_config": config.to_dict(), "rows": rows}))
+                          "compile": args.compile, "model_config": config.to_dict(), "rows": rows}))
+
+
+def check_bench_args(args):
+    """What the flags' types cannot check alone: --bench's flags that exclude each other."""
+    if args.cache_budget_gib is not None and (args.batches or args.plot):
+        raise CLIError("--cache-budget-gib finds the batch that fits; it takes no --batches and no --plot")
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        raise CLIError(f"--plot {args.plot}: no such directory {Path(args.plot).resolve().parent}")
 
 
 # ---- evaluation command -------------------------------------------------------------------------
@@ -167,6 +195,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", help="checkpoint to evaluate, sample from, or take the --bench config of")
     p.add_argument("--device", default="auto", help="auto: cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line, last")
+    p.add_argument("--compile", action="store_true", help="sampling and --bench: torch.compile the decode step "
+                                                          "(as a CUDA graph on CUDA)")
     e = p.add_argument_group("evaluation (the default)")
     e.add_argument("--data-dir", help="prepared data (default: the checkpoint's train_config data_dir)")
     e.add_argument("--split", choices=["val", "train"], default="val", help="split to evaluate")
@@ -184,18 +214,20 @@ def parse_args(argv=None):
                                                        "probability, in (0, 1] (default: off)")
     s.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt, all decoded as one batch")
     s.add_argument("--cache-dtype", choices=sorted(DTYPES), help="the KV cache's dtype (default: the model's)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on CUDA)")
     s.add_argument("--seed", type=int, default=1337, help="seed of the sampling")
     add_tokenizer_argument(s)
-    b = p.add_argument_group("benchmark (--bench)")
-    b.add_argument("--bench", action="store_true", help="benchmark decode cache bytes and speed, random weights")
-    b.add_argument("--preset", choices=sorted(PRESETS), help="benchmark this preset instead of --ckpt's config")
-    b.add_argument("--contexts", type=number(int, minimum=2), nargs="+", default=[256, 1024, 4096],
-                   help="context lengths to decode at")
-    b.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8], help="batch sizes")
+    b = p.add_argument_group("benchmark (--bench): decode speed of MLA, MHA and GQA across contexts")
+    b.add_argument("--bench", action="store_true", help="benchmark decode speed and cache size, random weights")
+    b.add_argument("--preset", choices=sorted(PRESETS), help="benchmark this preset's config (default: gpt2-small, "
+                                                             "or --ckpt's config)")
+    b.add_argument("--layers", type=positive_int, help="override the config's n_layer (fewer make long contexts cheap)")
+    b.add_argument("--contexts", type=number(int, minimum=2), nargs="+", default=[512, 2048, 8192], help="positions each step attends to")
+    b.add_argument("--batches", type=positive_int, nargs="+", help="sequences decoded per step (default: 1)")
+    b.add_argument("--steps", type=positive_int, default=3, help="timed decode steps per row (median and range)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights' and cache's dtype")
-    b.add_argument("--steps", type=positive_int, default=10, help="timed decode steps per row")
-    b.add_argument("--prefill-runs", type=positive_int, default=3, help="timed prefills per row")
+    b.add_argument("--cache-budget-gib", type=positive_float, help="instead of the sweep: the largest batch whose cache "
+                                                          "fits in this many GiB, and its decode speed, at each context")
+    b.add_argument("--plot", help="also draw decode tok/s against context into this PNG")
     return p.parse_args(argv)
 
 

@@ -1,5 +1,5 @@
 """test.py: whole-split evaluation against a one-forward reference, sampling through the latent cache against
-a cache-free argmax loop, top-p filtering, streamed UTF-8, the benchmark's cache sizes, and bad inputs."""
+a cache-free argmax loop, top-p filtering, streamed UTF-8, and bad inputs."""
 import json
 import math
 import subprocess
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 import test as script  # the repo's test.py (pytest.ini puts the repo first on sys.path)
 from checkpoint import save_checkpoint
 from conftest import require_gpt2_ranks, shakespeare_bytes
-from attention import MultiHeadLatentAttention
 from cli import CLIError
 from data_prepare import PreparedData
 from model import Transformer, sample_next
@@ -239,39 +238,6 @@ def test_too_long_prompt_is_refused_and_max_new_tokens_clamped(ckpt_path, capsys
     room = 64 - len(Tokenizer().encode(prompt))
     script.main(["--ckpt", str(ckpt_path), "--prompt", prompt, "--max-new-tokens", "50"])
     assert f"generating {room} tokens" in capsys.readouterr().err
-
-
-# ---- benchmark ----------------------------------------------------------------------------------
-
-def test_benchmark_measures_each_attention_kind_and_its_real_cache(monkeypatch):
-    absorbed_steps = []
-    attend_absorbed = MultiHeadLatentAttention.attend_absorbed
-    monkeypatch.setattr(MultiHeadLatentAttention, "attend_absorbed",
-                        lambda self, q_nope, *args: absorbed_steps.append(q_nope.size(2) == 1)
-                        or attend_absorbed(self, q_nope, *args))
-    config = ModelConfig.from_preset("tiny")
-    rows = script.benchmark(config, contexts=[8, 16], batches=[1, 2], device="cpu", dtype=torch.float32,
-                            decode_steps=2, prefill_runs=1)
-    # Only the "mla absorbed" rows decode one token over the latent cache: 2 untimed + 2 timed steps in each
-    # of the 2 x 2 (batch, context) pairs, after two warm-up steps, in every layer.
-    assert sum(absorbed_steps) == (2 + 2 * 2 * (2 + 2)) * config.n_layer
-    kinds = ["mla absorbed", "mla decompressed", "mha", "gqa"]
-    assert sorted({r["attention"] for r in rows}) == sorted(kinds) and len(rows) == 4 * 2 * 2
-    for row in rows:
-        kind = row["attention"].split()[0]
-        values = ModelConfig.from_preset("tiny", attention=kind).kv_cache_values_per_token_per_layer()
-        assert row["cache_bytes_per_token"] == config.n_layer * values * 4  # float32
-        assert row["cache_bytes"] == row["cache_bytes_per_token"] * row["batch"] * row["context"]
-        assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
-    assert len(script.markdown_table(rows).splitlines()) == 2 + len(rows)
-
-
-def test_bench_command_json(capsys):
-    script.main(["--bench", "--preset", "tiny", "--contexts", "16", "--batches", "1", "--steps", "1",
-                 "--prefill-runs", "1", "--device", "cpu", "--json"])
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    by_kind = {r["attention"]: r for r in report["rows"]}
-    assert by_kind["mla absorbed"]["cache_bytes"] / by_kind["mha"]["cache_bytes"] == pytest.approx(40 / 128)
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -1,0 +1,234 @@
+"""decode_benchmark.py and test.py --bench: the bytes and FLOPs a decode step must move against hand counts and
+torch's FLOP counter, the sweep's rows (finite, interleaved, absorbed only where asked), memory refusals, the
+capacity table, the plot, the command line and its bad flags."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import decode_benchmark as bench
+import test as script  # the repo's test.py (pytest.ini puts the repo first on sys.path)
+from attention import MultiHeadLatentAttention
+from cli import CLIError
+from model import Transformer
+from model_config import ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = ["mla absorbed", "mla decompressed", "mha", "gqa"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine each of their many small ops waits
+    for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def small_probe(monkeypatch):
+    """A 1 MiB bandwidth probe instead of 1 GiB: the tests check the plumbing, not this machine."""
+    monkeypatch.setattr(bench, "PROBE_BYTES", 2**20)
+
+
+def tiny(kind: str) -> ModelConfig:
+    return ModelConfig.from_preset("tiny", attention=kind)
+
+
+# ---- bytes and FLOPs per step -------------------------------------------------------------------
+
+# The tiny preset: vocab 50304, d_model 64, 4 heads (GQA: 2 key/value heads, head_dim 16), 2 layers, SwiGLU 128,
+# MLA q_lora_rank 32, r 32, dn 16, dr 8, dv 16; tied embeddings. Batch 2, context 16, float32.
+# Weights (num_params; the matmul weights of flops_per_token are the same count):
+#   embedding/LM head 50304 * 64 = 3,219,456; per block SwiGLU 3 * 64 * 128 = 24,576 and norms 2 * 64 = 128;
+#   final norm 64. Attention per block: MHA 4 * 64 * 64 = 16,384; GQA 64*64 + 2*64*32 + 64*64 = 12,288;
+#   MLA q 64*32 + 32 + 32*4*24 = 5,152, kv 64*40 + 32 + 32*4*32 = 6,688 (kv_b_proj 4,096), o 4*16*64 = 4,096.
+#   -> MHA 3,301,696; GQA 3,293,504; MLA 3,300,800.
+# Cache per position and layer: MHA 2 * 4 * 16 = 128 values, GQA 2 * 2 * 16 = 64, MLA r + dr = 40.
+HAND_BYTES = {  # 4 * (weights + 2 sequences * 16 positions * 2 layers * cache values)
+    "mha": 4 * (3_301_696 + 2 * 16 * 2 * 128),
+    "gqa": 4 * (3_293_504 + 2 * 16 * 2 * 64),
+    "mla": 4 * (3_300_800 + 2 * 16 * 2 * 40),
+}
+HAND_FLOPS = {  # 2 * batch * (weights + layers * heads * positions * multiply-adds per head and position)
+    "mha": 2 * 2 * (3_301_696 + 2 * 4 * 16 * 2 * 16),  # scores and weighted sum over head_dim 16
+    "gqa": 2 * 2 * (3_293_504 + 2 * 4 * 16 * 2 * 16),
+    "mla absorbed": 2 * 2 * (3_300_800 + 2 * 4 * 16 * (40 + 32)),  # latent key r + dr, latent value r
+    # kv_b_proj over the 15 cached positions too; keys dn + dr = 24, values dv = 16
+    "mla decompressed": 2 * 2 * (3_300_800 + 2 * 4_096 * 15 + 2 * 4 * 16 * (24 + 16)),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_step_bytes_and_flops_equal_hand_counts(name):
+    kind, absorb = bench.VARIANTS[name]
+    assert bench.step_bytes(tiny(kind), 2, 16, 4) == HAND_BYTES[kind]
+    assert bench.step_flops(tiny(kind), 2, 16, absorb) == HAND_FLOPS[name]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_step_bytes_and_flops_match_the_real_model_and_torch_flop_counter(name):
+    """Bytes: the model's own parameters (a tied one once) and its real cache. FLOPs: torch's counter over one
+    real decode step on SDPA's math backend (whose matmuls it sees), plus the norms' weights, which
+    flops_per_token counts as matmul weights, less the zero padding MLA's decompressed values get for SDPA."""
+    kind, absorb = bench.VARIANTS[name]
+    config = tiny(kind)
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    bench.set_absorb(model, absorb)
+    cache = model.make_cache(2, 16)
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    assert bench.step_bytes(config, 2, 16, 4) == weights + cache.nbytes
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        bench.decode_step(model, torch.zeros(2, 1, dtype=torch.long), cache, 15)
+    norms = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.RMSNorm))
+    c = config
+    padding = 0 if absorb else 2 * 2 * c.n_head * 16 * c.n_layer * (c.qk_nope_head_dim + c.qk_rope_head_dim - c.v_head_dim)
+    assert bench.step_flops(config, 2, 16, absorb) == counter.get_total_flops() + 2 * 2 * norms - padding
+
+
+# ---- the sweep ----------------------------------------------------------------------------------
+
+def test_sweep_interleaves_every_variant_and_reports_finite_numbers(monkeypatch):
+    steps = []  # (attention kind, absorb) of every decode step, in order
+    decode_step = bench.decode_step
+
+    def recorded(model, token, cache, position):
+        absorb = {m.absorb for m in model.modules() if isinstance(m, MultiHeadLatentAttention)}
+        steps.append((model.config.attention, absorb != {False}))
+        return decode_step(model, token, cache, position)
+
+    monkeypatch.setattr(bench, "decode_step", recorded)
+    rows = bench.benchmark(tiny("mla"), contexts=[8, 16], batches=[1, 2], device="cpu", dtype=torch.float32, steps=2)
+    # Each (batch, context) row: 1 untimed + 2 timed rounds, each one step of every variant in turn.
+    assert steps == [bench.VARIANTS[name] for name in VARIANTS] * 3 * 4
+    assert [(r["batch"], r["context"], r["attention"]) for r in rows] == [
+        (b, c, name) for b in (1, 2) for c in (8, 16) for name in VARIANTS]
+    for row in rows:
+        kind, absorb = bench.VARIANTS[row["attention"]]
+        numbers = [v for k, v in row.items() if k not in ("attention", "fits")]
+        assert row["fits"] and all(math.isfinite(v) and v > 0 for v in numbers), row
+        assert row["ms_per_step_min"] <= row["ms_per_step"] <= row["ms_per_step_max"]
+        assert row["decode_tokens_per_s"] == pytest.approx(row["batch"] * 1e3 / row["ms_per_step"])
+        assert row["bytes_per_step"] == bench.step_bytes(tiny(kind), row["batch"], row["context"], 4)
+        assert row["flops_per_step"] == bench.step_flops(tiny(kind), row["batch"], row["context"], absorb)
+        assert row["bandwidth_fraction"] == pytest.approx(row["bytes_per_s"] / row["machine_bytes_per_s"])
+        assert len(bench.table_line(row, bench.SWEEP_COLUMNS).split("|")) == len(bench.SWEEP_COLUMNS) + 2
+    assert all(r["tokens_per_s_vs_mha"] == 1 for r in rows if r["attention"] == "mha")
+
+
+def test_a_variant_whose_cache_does_not_fit_is_reported_and_not_run(monkeypatch):
+    # Batch 1, context 16, float32: MLA's cache 1 * 16 * 2 layers * 40 * 4 = 5,120 bytes, GQA's 8,192, MHA's
+    # 16,384; decompressing MLA holds 2 * 16 * 4 heads * (16 + 8 + 16) * 4 = 20,480 bytes of keys and values.
+    monkeypatch.setattr(bench, "available_memory", lambda device: bench.MEMORY_MARGIN + 10_000)
+    rows = {r["attention"]: r for r in bench.benchmark(tiny("mla"), [16], [1], "cpu", torch.float32, steps=1)}
+    assert rows["mla absorbed"]["fits"] and rows["gqa"]["fits"]
+    assert rows["mla decompressed"] == {"attention": "mla decompressed", "batch": 1, "context": 16, "fits": False,
+                                        "needs_bytes": 5_120 + 20_480}
+    assert rows["mha"]["needs_bytes"] == 16_384 and not rows["mha"]["fits"]
+    assert "tokens_per_s_vs_mha" not in rows["gqa"]
+    line = bench.table_line(rows["mha"], bench.SWEEP_COLUMNS)
+    assert line.startswith("| mha | 1 | 16 | does not fit (needs 0.0 GiB) |")
+    assert len(line.split("|")) == len(bench.SWEEP_COLUMNS) + 2
+
+
+def test_capacity_picks_the_largest_batch_that_fits_the_budget():
+    # Context 16: one sequence's cache is 5,120 bytes for MLA, 16,384 for MHA, 8,192 for GQA (see above).
+    runner = bench.DecodeBench(tiny("mla"), 16, "cpu", torch.float32, steps=1)
+    rows = {r["attention"]: r for r in runner.capacity(16, 100_000)}
+    assert {name: r["batch"] for name, r in rows.items()} == {"mla absorbed": 19, "mha": 6, "gqa": 12}
+    for row in rows.values():
+        assert row["fits"] and row["cache_bytes"] <= 100_000 < row["cache_bytes"] / row["batch"] * (row["batch"] + 1)
+        assert row["decode_tokens_per_s"] == pytest.approx(row["batch"] * 1e3 / row["ms_per_step"])
+    small = {r["attention"]: r for r in runner.capacity(16, 10_000)}
+    assert small["mha"] == {"attention": "mha", "batch": 0, "context": 16, "fits": False, "needs_bytes": 16_384,
+                            "budget_bytes": 10_000}
+    assert small["mla absorbed"]["batch"] == small["gqa"]["batch"] == 1
+
+
+# ---- the plot -----------------------------------------------------------------------------------
+
+def plotted_rows() -> list[dict]:
+    return [{"attention": name, "batch": b, "context": c, "fits": True, "decode_tokens_per_s": b * 1e4 / c}
+            for name in VARIANTS for b in (1, 8) for c in (512, 1024, 2048)]
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")  # optional: requirements.txt does not name it
+    path = tmp_path / "decode.png"
+    assert bench.plot(plotted_rows(), path) is None
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["decode.png"]
+
+
+def test_plot_without_matplotlib_is_one_note(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    note = bench.plot(plotted_rows(), tmp_path / "decode.png")
+    assert note.startswith("note:") and "pip install matplotlib" in note and "\n" not in note
+    assert not any(tmp_path.iterdir())
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+def test_bench_command_prints_rows_as_they_come_and_json(capsys, tmp_path):
+    script.main(["--bench", "--preset", "tiny", "--contexts", "8", "16", "--steps", "1", "--device", "cpu",
+                 "--plot", str(tmp_path / "d.png"), "--json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1] == bench.table_header(bench.SWEEP_COLUMNS).splitlines()[0]
+    assert [line.split(" | ")[0] for line in lines[3:11]] == ["| " + name for name in VARIANTS] * 2
+    report = json.loads(lines[-1])
+    assert len(report["rows"]) == 8 and report["model_config"]["n_layer"] == 2
+    by_kind = {r["attention"]: r for r in report["rows"] if r["context"] == 16}
+    assert by_kind["mla absorbed"]["cache_bytes"] / by_kind["mha"]["cache_bytes"] == pytest.approx(40 / 128)
+    assert (tmp_path / "d.png").stat().st_size > 0
+
+
+def test_bench_command_capacity_and_layers(capsys):
+    script.main(["--bench", "--preset", "tiny", "--layers", "1", "--contexts", "16", "--steps", "1", "--device",
+                 "cpu", "--cache-budget-gib", str(10_000 / 2**30), "--json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2] == bench.table_header(bench.CAPACITY_COLUMNS).splitlines()[0]
+    report = json.loads(lines[-1])
+    # One layer halves the tiny preset's cache per sequence: MLA 2,560, MHA 8,192, GQA 4,096 bytes.
+    assert {r["attention"]: r["batch"] for r in report["rows"]} == {"mla absorbed": 3, "mha": 1, "gqa": 2}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--contexts", "1"], "--contexts must be at least 2"),
+    (["--batches", "0"], "--batches, --steps and --layers must be at least 1"),
+    (["--steps", "0"], "--batches, --steps and --layers must be at least 1"),
+    (["--layers", "0"], "--batches, --steps and --layers must be at least 1"),
+    (["--cache-budget-gib", "0"], "--cache-budget-gib must be a positive number"),
+    (["--cache-budget-gib", "-1"], "--cache-budget-gib must be a positive number"),
+    (["--cache-budget-gib", "nan"], "--cache-budget-gib must be a positive number"),
+    (["--cache-budget-gib", "inf"], "--cache-budget-gib must be a positive number"),
+    (["--cache-budget-gib", "1", "--batches", "2"], "takes no --batches and no --plot"),
+    (["--plot", "/no/such/dir/d.png"], "no such directory"),
+    (["--ckpt", "x.pt"], "not both"),
+])
+def test_bad_bench_flags_are_one_line_errors(flags, message):
+    with pytest.raises(CLIError, match=message):
+        script.main(["--bench", "--preset", "tiny", "--device", "cpu", *flags])
+
+
+def test_bad_bench_flag_from_the_shell():
+    proc = subprocess.run([sys.executable, "test.py", "--bench", "--cache-budget-gib", "nan"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: --cache-budget-gib") and len(proc.stderr.splitlines()) == 1
+
+
+def test_a_failing_compile_is_one_error(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nlong compiler log")
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: broken)
+    with pytest.raises(CLIError, match=r"^--compile failed: RuntimeError: no C\+\+ compiler$"):
+        bench.DecodeBench(tiny("mla"), 16, "cpu", torch.float32, steps=1, compile=True)
