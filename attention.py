@@ -101,11 +101,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(self.dn + self.dr)
         self.dropout = c.dropout
         # Decoding with a cache takes the absorbed path when it costs fewer FLOPs than decompressing the cache:
-        # per cached position and head, absorbed costs T * (2r + dr) multiply-adds for T new queries, and
+        # per cached position and head, absorbed costs T * 2(r + dr) multiply-adds for T new queries, and
         # decompressing costs r * (dn + dv) + T * (dn + dr + dv). So prefill decompresses, decoding absorbs.
         # absorb = False always decompresses (the benchmark's "mla decompressed" row).
         self.absorb = True
-        self.max_absorbed_queries = (self.r * (self.dn + self.dv)) // max(2 * self.r - self.dn - self.dv, 1)
+        self.max_absorbed_queries = self.r * (self.dn + self.dv) // max(2 * self.r + self.dr - self.dn - self.dv, 1)
         q_out = c.n_head * (self.dn + self.dr)
         if c.q_lora_rank:
             self.q_a_proj = nn.Linear(c.d_model, c.q_lora_rank, bias=False)  # W_DQ

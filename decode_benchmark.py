@@ -64,14 +64,15 @@ def step_flops(config: ModelConfig, batch: int, context: int, absorb: bool = Tru
     """FLOPs of one decode step of batch tokens, each attending to context positions: 2 per matmul weight and
     token (the LM head's included, as flops_per_token counts them) plus 2 per multiply-add of attention's scores
     and weighted sum. Per head and position, MHA/GQA multiply keys and values of head_dim; absorbed MLA its
-    latent key [c_KV | k_rope] (r + dr) and latent value c_KV (r); decompressing MLA first runs kv_b_proj over
-    every position, then attends to keys of dn + dr and values of dv."""
+    latent key [c_KV | k_rope] (r + dr) and, as its kernel does, the whole latent as value (r + dr, of which the
+    caller keeps c_KV's r); decompressing MLA first runs kv_b_proj over every position, then attends to keys of
+    dn + dr and values of dv."""
     c = config
     weights = c.non_embedding_params() + c.vocab_size * c.d_model
     if c.attention != "mla":
         per_head_and_position = 2 * c.head_dim
     elif absorb:
-        per_head_and_position = 2 * c.kv_lora_rank + c.qk_rope_head_dim
+        per_head_and_position = 2 * (c.kv_lora_rank + c.qk_rope_head_dim)
     else:
         kv_b_proj = c.kv_lora_rank * c.n_head * (c.qk_nope_head_dim + c.v_head_dim)
         weights += c.n_layer * kv_b_proj * (context - 1)  # weights already counts it once, for the new token
@@ -148,8 +149,8 @@ class DecodeBench:
             return decode_step(model, token, cache, position)
         if not compile:
             return step
-        compile_decode_step(model)
         try:
+            compile_decode_step(model)
             with torch.no_grad():
                 step(torch.zeros(1, 1, dtype=torch.long, device=self.device), model.make_cache(1, 2), 1)
         except Exception as err:  # any compiler failure: say what it was, in one line

@@ -61,7 +61,7 @@ HAND_BYTES = {  # 4 * (weights + 2 sequences * 16 positions * 2 layers * cache v
 HAND_FLOPS = {  # 2 * batch * (weights + layers * heads * positions * multiply-adds per head and position)
     "mha": 2 * 2 * (3_301_696 + 2 * 4 * 16 * 2 * 16),  # scores and weighted sum over head_dim 16
     "gqa": 2 * 2 * (3_293_504 + 2 * 4 * 16 * 2 * 16),
-    "mla absorbed": 2 * 2 * (3_300_800 + 2 * 4 * 16 * (40 + 32)),  # latent key r + dr, latent value r
+    "mla absorbed": 2 * 2 * (3_300_800 + 2 * 4 * 16 * (40 + 40)),  # the whole latent r + dr as key and as value
     # kv_b_proj over the 15 cached positions too; keys dn + dr = 24, values dv = 16
     "mla decompressed": 2 * 2 * (3_300_800 + 2 * 4_096 * 15 + 2 * 4 * 16 * (24 + 16)),
 }
@@ -202,14 +202,14 @@ def test_bench_command_capacity_and_layers(capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--contexts", "1"], "--contexts must be at least 2"),
-    (["--batches", "0"], "--batches, --steps and --layers must be at least 1"),
-    (["--steps", "0"], "--batches, --steps and --layers must be at least 1"),
-    (["--layers", "0"], "--batches, --steps and --layers must be at least 1"),
-    (["--cache-budget-gib", "0"], "--cache-budget-gib must be a positive number"),
-    (["--cache-budget-gib", "-1"], "--cache-budget-gib must be a positive number"),
-    (["--cache-budget-gib", "nan"], "--cache-budget-gib must be a positive number"),
-    (["--cache-budget-gib", "inf"], "--cache-budget-gib must be a positive number"),
+    (["--contexts", "1"], "--contexts: must be at least 2"),
+    (["--batches", "0"], "--batches: must be at least 1"),
+    (["--steps", "0"], "--steps: must be at least 1"),
+    (["--layers", "0"], "--layers: must be at least 1"),
+    (["--cache-budget-gib", "0"], "--cache-budget-gib: must be"),
+    (["--cache-budget-gib", "-1"], "--cache-budget-gib: must be"),
+    (["--cache-budget-gib", "nan"], "--cache-budget-gib: must be finite"),
+    (["--cache-budget-gib", "inf"], "--cache-budget-gib: must be finite"),
     (["--cache-budget-gib", "1", "--batches", "2"], "takes no --batches and no --plot"),
     (["--plot", "/no/such/dir/d.png"], "no such directory"),
     (["--ckpt", "x.pt"], "not both"),
@@ -223,12 +223,12 @@ def test_bad_bench_flag_from_the_shell():
     proc = subprocess.run([sys.executable, "test.py", "--bench", "--cache-budget-gib", "nan"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.startswith("error: --cache-budget-gib") and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("error: argument --cache-budget-gib") and len(proc.stderr.splitlines()) == 1
 
 
 def test_a_failing_compile_is_one_error(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler\nlong compiler log")
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: broken)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: broken)
     with pytest.raises(CLIError, match=r"^--compile failed: RuntimeError: no C\+\+ compiler$"):
         bench.DecodeBench(tiny("mla"), 16, "cpu", torch.float32, steps=1, compile=True)
