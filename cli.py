@@ -50,10 +50,11 @@ def user_error(err: Exception, memory_hint: str) -> str | None:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, and each flag's default after its help (unless there is none to show)."""
+    """The description as written, and each flag's default after its help (unless there is none to show: None,
+    an off switch, or a help that names its default)."""
 
     def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -130,7 +130,7 @@ def train_step(model, optimizer, scaler, next_batch, grad_accum: int, lr: float,
         last = micro == grad_accum - 1
         with nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync():
             with autocast:
-                _, loss = model(x, y)
+                loss = model(x, y)[1]  # no name for the logits: they are freed before backward
             scaler.scale(loss / grad_accum).backward()
         total = total + loss.detach()
     scaler.unscale_(optimizer)
@@ -327,10 +327,10 @@ class Trainer:
     def save(self, best: bool) -> None:
         """Write ckpt.pt, and best.pt too when best. Every process takes part (their RNG states are gathered);
         rank 0 writes."""
-        rng = [self.rng_state()]
+        rng = [rng_state(self.data_generator, self.rt.device_type)]
         if self.rt.world_size > 1:
             rng = [None] * self.rt.world_size
-            dist.all_gather_object(rng, self.rng_state())
+            dist.all_gather_object(rng, rng_state(self.data_generator, self.rt.device_type))
         if self.rt.rank != 0:
             return
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -361,12 +361,6 @@ class Trainer:
             self.data_generator.manual_seed(derive_seed(self.tc.seed, 1, self.rt.rank, self.step))
             torch.manual_seed(derive_seed(self.tc.seed, 2, self.rt.rank, self.step))
 
-    def rng_state(self) -> dict:
-        state = {"data": self.data_generator.get_state(), "cpu": torch.get_rng_state()}
-        if self.rt.device_type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state()
-        return state
-
     def say(self, message: str) -> None:
         if self.rt.rank == 0:
             tqdm.write(message)
@@ -390,7 +384,7 @@ class Trainer:
                                             disable=self.rt.rank != 0) as bar:
             window = Window(self)
             if not tc.resume:
-                self.evaluate_and_save(window.throughput)
+                evaluate_and_save(self, window.throughput)
             while self.step < tc.max_iters:
                 lr = lr_at(self.step, tc)
                 window.add(train_step(self.train_model, self.optimizer, self.scaler, self.next_batch,
@@ -403,7 +397,7 @@ class Trainer:
                 if self.step % tc.log_interval == 0 or evaluating or stopping:
                     window.close(lr, bar)
                 if evaluating:
-                    self.evaluate_and_save(window.throughput)
+                    evaluate_and_save(self, window.throughput)
                 elif stopping:
                     self.save(best=False)
                 if stopping:
@@ -414,19 +408,6 @@ class Trainer:
         if self.rt.rank == 0:
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
         return 0
-
-    def evaluate_and_save(self, throughput: dict) -> None:
-        """Evaluate at the current step, log it, and save ckpt.pt (and best.pt when val loss improved)."""
-        losses = estimate_losses(self)
-        if not math.isfinite(losses["val"]):
-            raise CLIError(f"the val loss is {losses['val']} at step {self.step}; stopped without saving")
-        best = losses["val"] < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, losses["val"])
-        self.log(step=self.step, train_loss=losses["train"], val_loss=losses["val"],
-                 best_val_loss=self.best_val_loss, lr=lr_at(max(self.step - 1, 0), self.tc), **throughput)
-        self.say(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                 f"{' (best)' if best else f', best {self.best_val_loss:.4f}'}")
-        self.save(best)
 
 
 class Window:
@@ -463,6 +444,20 @@ class Window:
             self.start = time.perf_counter()
 
 
+def evaluate_and_save(t: Trainer, throughput: dict) -> None:
+    """Evaluate at the current step, log it, and save ckpt.pt (and best.pt when val loss improved)."""
+    losses = estimate_losses(t)
+    if not math.isfinite(losses["val"]):
+        raise CLIError(f"the val loss is {losses['val']} at step {t.step}; stopped without saving")
+    best = losses["val"] < t.best_val_loss
+    t.best_val_loss = min(t.best_val_loss, losses["val"])
+    t.log(step=t.step, train_loss=losses["train"], val_loss=losses["val"], best_val_loss=t.best_val_loss,
+          lr=lr_at(max(t.step - 1, 0), t.tc), **throughput)
+    t.say(f"step {t.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+          f"{' (best)' if best else f', best {t.best_val_loss:.4f}'}")
+    t.save(best)
+
+
 @torch.no_grad()
 def estimate_losses(t: Trainer) -> dict[str, float]:
     """Mean loss over eval_iters batches of each split, averaged over processes. The batches come from a
@@ -480,6 +475,14 @@ def estimate_losses(t: Trainer) -> dict[str, float]:
         losses[split] = mean_over_processes(total / tc.eval_iters)
     t.eval_model.train()
     return losses
+
+
+def rng_state(data_generator: torch.Generator, device_type: str) -> dict:
+    """The RNG states one process saves: its data stream's, torch's CPU one (dropout) and its GPU's."""
+    state = {"data": data_generator.get_state(), "cpu": torch.get_rng_state()}
+    if device_type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def describe(t: Trainer) -> str:

@@ -173,6 +173,7 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_sampling_command_is_reproducible_and_writes_prompt_then_continuation(ckpt_path, capsys):
+    require_gpt2_ranks()
     argv = ["--ckpt", str(ckpt_path), "--prompt", "To be", "--max-new-tokens", "12", "--seed", "3",
             "--num-samples", "2"]
     outputs = []
@@ -220,6 +221,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_streamed_text_prints_multibyte_characters_whole():
+    require_gpt2_ranks()
     tok = Tokenizer()
     text = "Naïve café — 日本語 🙂!"
     ids = tok.encode(text)
@@ -232,6 +234,7 @@ def test_streamed_text_prints_multibyte_characters_whole():
 
 
 def test_too_long_prompt_is_refused_and_max_new_tokens_clamped(ckpt_path, capsys):
+    require_gpt2_ranks()
     with pytest.raises(CLIError, match="leaves no room"):
         script.main(["--ckpt", str(ckpt_path), "--prompt", "word " * 64])
     prompt = "word " * 60
