@@ -22,7 +22,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(config.rope_dim, config.block_size, config.rope_theta)
+        cos, sin = rope_tables(config.rope_dim, config.block_size, config.rope_theta, scaling=config)
         self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, rope_dim / 2)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
