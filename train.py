@@ -477,7 +477,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
                         help="model preset (default: shakespeare, or the checkpoint's model with --resume)")
     add_flags(parser, TrainConfig, "training", lambda f: "; ".join([f"default: {f.default}", *f.metadata.values()]))
-    add_flags(parser, ModelConfig, "model (override the preset)", lambda f: "default: from the preset")
+    add_flags(parser, ModelConfig, "model (override the preset)",
+              lambda f: "; ".join(["default: from the preset", *f.metadata.values()]))
     return parser.parse_args(argv)
 
 
