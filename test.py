@@ -132,6 +132,8 @@ def with_eval_context(ckpt: dict, block_size: int | None, yarn_factor: float | N
         has_yarn = saved.get("rope_scaling") == "yarn"
         overrides |= {"rope_scaling": "yarn", "rope_factor": yarn_factor,
                       "original_seq_len": saved["original_seq_len"] if has_yarn else saved["block_size"]}
+    if not overrides:
+        return ckpt
     try:
         ModelConfig.from_dict({**saved, **overrides})
     except (TypeError, ValueError) as err:
