@@ -3,6 +3,8 @@
     python train.py                                   # the shakespeare preset on data/shakespeare -> out/shakespeare
     python train.py --preset tiny --attention mha --max-iters 200 --out-dir out/tiny-mha
     python train.py --out-dir out/shakespeare --resume --max-iters 8000
+    python train.py --init-from out/shakespeare/best.pt --out-dir out/yarn-512 --block-size 512 \\
+        --rope-scaling yarn --rope-factor 4 --original-seq-len 128    # fine-tune at 4x the context with YaRN
     torchrun --standalone --nproc-per-node 8 train.py --preset gpt2-small --data-dir data/owt --out-dir out/gpt2
 
 Every TrainConfig and ModelConfig field is a flag (--lr, --n-layer, ...). With --resume the checkpoint's configs
