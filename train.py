@@ -151,7 +151,7 @@ def check_resumable(ckpt: dict, mc: ModelConfig, path: Path) -> None:
                      - ckpt.keys())
     if missing:
         raise CLIError(f"cannot resume from {path}: it has no {', '.join(missing)} (not written by train.py)")
-    saved = ckpt["model_config"]
+    saved = {**ModelConfig().to_dict(), **ckpt["model_config"]}  # fields newer than the checkpoint: defaults
     diffs = [f"{name} (checkpoint {saved.get(name)!r}, requested {value!r})"
              for name, value in mc.to_dict().items() if saved.get(name) != value]
     if diffs:

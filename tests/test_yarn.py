@@ -69,7 +69,8 @@ def test_softmax_multiplier_is_deepseeks_for_the_released_configs(mscale, expect
     dn_dr = config.qk_nope_head_dim + config.qk_rope_head_dim
     assert MultiHeadLatentAttention(config).scale == pytest.approx(multiplier / math.sqrt(dn_dr), rel=1e-12)
     assert softmax_scale(replace(config, attention="mha"), 64) == pytest.approx(multiplier / 8, rel=1e-12)
-    assert MultiHeadLatentAttention(replace(config, rope_scaling="none", rope_factor=1.0)).scale == 1.0 / math.sqrt(dn_dr)
+    plain = replace(config, rope_scaling="none", rope_factor=1.0)
+    assert MultiHeadLatentAttention(plain).scale == 1.0 / math.sqrt(dn_dr)  # as before YaRN, bit for bit
 
 
 @pytest.mark.parametrize("factor,beta_fast,beta_slow,mscale,mscale_all_dim", [
@@ -155,7 +156,17 @@ def test_init_from_at_a_longer_context_with_yarn_loads_the_weights(tmp_path, cap
     assert model.rope_cos.shape == (256, TINY.qk_rope_head_dim // 2)
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
-    assert "--rope-scaling ROPE_SCALING default: from the preset; none | yarn" in " ".join(capsys.readouterr().out.split())
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--rope-scaling ROPE_SCALING default: from the preset; none | yarn" in help_text
+
+
+def test_checkpoints_from_before_yarn_resume_with_plain_rope(tmp_path):
+    old_config = {k: v for k, v in TINY.to_dict().items() if k not in ("rope_scaling", "rope_factor")}
+    ckpt = {key: None for key in ("optimizer", "scaler", "train_config", "step", "best_val_loss", "tokens_seen", "rng")}
+    ckpt["model_config"] = old_config
+    train.check_resumable(ckpt, TINY, tmp_path / "ckpt.pt")
+    with pytest.raises(train.CLIError, match=r"differs in rope_scaling \(checkpoint 'none', requested 'yarn'\)"):
+        train.check_resumable(ckpt, yarn(), tmp_path / "ckpt.pt")
 
 
 def test_eval_context_and_yarn_override_the_checkpoint(tmp_path):
@@ -173,7 +184,8 @@ def test_eval_context_and_yarn_override_the_checkpoint(tmp_path):
 @pytest.mark.parametrize("command,message", [
     (["train.py", "--out-dir", "OUT", "--rope-scaling", "yarn", "--rope-factor", "4"],
      "error: original_seq_len (the context length trained at) must be positive for yarn, got 0"),
-    (["train.py", "--out-dir", "OUT", "--rope-factor", "4"], "error: rope_factor 4.0 needs rope_scaling 'yarn' (it is 'none')"),
+    (["train.py", "--out-dir", "OUT", "--rope-factor", "4"],
+     "error: rope_factor 4.0 needs rope_scaling 'yarn' (it is 'none')"),
     (["test.py", "--ckpt", "CKPT", "--yarn", "0.5"], "error: rope_factor must be >= 1 (1: no extension), got 0.5"),
 ])
 def test_bad_rope_flag_is_one_error_line(command, message, tmp_path):
