@@ -14,11 +14,55 @@ from model_config import ModelConfig
 
 # ---- rotary position embedding ------------------------------------------------------------------
 
-def rope_tables(rope_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position's rotation angles, each (max_len, rope_dim / 2), in float32."""
+def rope_tables(rope_dim: int, max_len: int, theta: float,
+                scaling: ModelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles, each (max_len, rope_dim / 2), in float32.
+
+    With scaling's rope_scaling "yarn", the angles are YaRN's and both tables carry its attention factor
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim), as in DeepSeek-V2's and transformers' code."""
     inv_freq = theta ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+    attention_factor = 1.0
+    if scaling is not None and scaling.rope_scaling == "yarn":
+        inv_freq = yarn_inv_freq(inv_freq, theta, scaling)
+        factor = scaling.rope_factor
+        attention_factor = yarn_mscale(factor, scaling.mscale) / yarn_mscale(factor, scaling.mscale_all_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * attention_factor).float(), (angles.sin() * attention_factor).float()
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, theta: float, c: ModelConfig) -> torch.Tensor:
+    """YaRN's "NTK-by-parts" frequencies (arXiv 2309.00071, section 3.2) for inv_freq (rope_dim / 2,).
+
+    Over the original_seq_len positions trained at, pair i turns L / (2 pi / inv_freq[i]) times. Pairs that turn
+    more than beta_fast times keep their frequency (extrapolation), those that turn fewer than beta_slow times are
+    divided by rope_factor (interpolation), and a linear ramp over the pair index blends the two in between. The
+    ramp's ends are rounded outwards to whole pairs, as DeepSeek's and transformers' code do."""
+    rope_dim = 2 * inv_freq.numel()
+
+    def pair_turning(turns: float) -> float:  # the (fractional) pair index that turns this often over L
+        return rope_dim * math.log(c.original_seq_len / (2 * math.pi * turns)) / (2 * math.log(theta))
+
+    low = max(math.floor(pair_turning(c.beta_fast)), 0)
+    high = min(math.ceil(pair_turning(c.beta_slow)), rope_dim - 1)
+    if low == high:
+        high += 0.001  # as the reference code: avoids dividing by zero
+    ramp = ((torch.arange(inv_freq.numel(), dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    return torch.lerp(inv_freq, inv_freq / c.rope_factor, ramp)  # exactly inv_freq when rope_factor is 1
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's attention temperature sqrt(1/t) = 0.1 ln(factor) + 1 (arXiv 2309.00071, eq. 22), with DeepSeek's
+    coefficient mscale on the log; 1 for factor <= 1."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def softmax_scale(config: ModelConfig, qk_dim: int) -> float:
+    """1 / sqrt(qk_dim), times mscale(factor, mscale_all_dim)^2 under YaRN (DeepSeek-V2/V3): the temperature
+    correction reaches every query/key dim this way, not only the rotated ones."""
+    multiplier = 1.0
+    if config.rope_scaling == "yarn":
+        multiplier = yarn_mscale(config.rope_factor, config.mscale_all_dim) ** 2
+    return multiplier / math.sqrt(qk_dim)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -98,7 +142,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.n_head, self.r, self.dr = c.n_head, c.kv_lora_rank, c.qk_rope_head_dim
         self.dn, self.dv = c.qk_nope_head_dim, c.v_head_dim
         self.q_lora_rank = c.q_lora_rank
-        self.scale = 1.0 / math.sqrt(self.dn + self.dr)
+        self.scale = softmax_scale(c, self.dn + self.dr)
         self.dropout = c.dropout
         # Decoding with a cache takes the absorbed path when it costs fewer FLOPs than decompressing the cache:
         # per cached position and head, absorbed costs T * 2(r + dr) multiply-adds for T new queries, and
@@ -222,6 +266,10 @@ class GroupedQueryAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv, self.hd = config.n_head, config.kv_heads, config.head_dim
+        # Under YaRN the baselines take MLA's two factors too. RoPE turns their whole head, so the cos/sin factor
+        # reaches every logit squared, and with the softmax's both give mscale(factor, mscale)^2: the YaRN paper's
+        # temperature on every logit, as MLA gets when mscale = mscale_all_dim (DeepSeek's released configs).
+        self.scale = softmax_scale(config, self.hd)
         self.dropout = config.dropout
         self.q_proj = nn.Linear(config.d_model, self.n_head * self.hd, bias=False)
         self.k_proj = nn.Linear(config.d_model, self.n_kv * self.hd, bias=False)
@@ -243,7 +291,7 @@ class GroupedQueryAttention(nn.Module):
         if cache is not None:
             k, v = (t.to(q.dtype) for t in cache.write(input_pos, k, v))
         dropout_p = self.dropout if self.training else 0.0
-        y = grouped_attention(q, k, v, 1.0 / math.sqrt(self.hd), mask, dropout_p)
+        y = grouped_attention(q, k, v, self.scale, mask, dropout_p)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

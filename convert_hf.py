@@ -7,7 +7,7 @@ export writes config.json and model.safetensors, which DeepseekV3ForCausalLM.fro
 missing or unexpected weights. import reads such a directory, including one written by transformers'
 save_pretrained, back into a checkpoint holding "model" and "model_config" (train.py's, less the optimiser state),
 which test.py evaluates (with --data-dir) and samples from. Only dense DeepSeek-V3 models convert (no
-mixture-of-experts layers, no multi-token-prediction layers, plain RoPE without YaRN), and only MLA checkpoints
+mixture-of-experts layers, no multi-token-prediction layers; RoPE plain or YaRN-scaled), and only MLA checkpoints
 export: DeepSeek-V3 has no MHA or GQA.
 
 The two models compute the same logits (tests/test_convert_hf.py checks it against transformers 5.24.0); what
@@ -21,8 +21,25 @@ differs is only how they write things down:
 - No query compression: q_lora_rank 0 here is null there (q_proj instead of q_a_proj / q_b_proj).
 - RMSNorm eps: transformers builds q_a_layernorm and kv_a_layernorm with eps 1e-6 whatever rms_norm_eps says, so
   only norm_eps 1e-6 (every preset's) converts exactly; others are refused.
-- Softmax scale: both use (qk_nope_head_dim + qk_rope_head_dim) ** -0.5 as long as RoPE is unscaled; YaRN would
-  multiply it by its mscale, so scaled RoPE is refused.
+- Softmax scale: both use (qk_nope_head_dim + qk_rope_head_dim) ** -0.5, times mscale(factor, mscale_all_dim)^2
+  under YaRN, where mscale(s, m) = 0.1 m ln(s) + 1 (1 when mscale_all_dim is 0 or absent).
+- YaRN: rope_parameters {"rope_type": "yarn", factor, original_max_position_embeddings, beta_fast, beta_slow,
+  mscale, mscale_all_dim} (transformers 5), or the older rope_scaling {"type": "yarn", ...} beside a top-level
+  rope_theta (DeepSeek's own config files; import only), is our rope_scaling "yarn" with rope_factor,
+  original_seq_len, beta_fast, beta_slow, mscale, mscale_all_dim. Absent betas are 32 and 1, as in transformers.
+  Where the implementations differ, this project follows transformers:
+  * cos/sin attention factor: mscale(factor, mscale) / mscale(factor, mscale_all_dim) in transformers and
+    DeepSeek-V2's modeling_deepseek.py alike when both are non-zero (1 for DeepSeek's released configs, V3's
+    1.0/1.0 and V2-Lite's 0.707/0.707). With mscale_all_dim 0 or absent, transformers uses mscale(factor, 1) and
+    ignores mscale, DeepSeek-V2's code uses mscale(factor, mscale): import reads such a file as transformers does
+    (mscale 1), export refuses mscale != 1 with mscale_all_dim 0, and import refuses mscale_all_dim without mscale
+    (transformers then mixes mscale(factor, 1) on cos/sin with the mscale_all_dim softmax correction).
+  * DeepSeek-V3's reference inference code (inference/model.py) applies YaRN, and its softmax correction with
+    its one mscale, only when it runs past original_seq_len, and scales no cos/sin; transformers and this project
+    apply YaRN at every length once configured. For V3's released config (mscale = mscale_all_dim) the two agree
+    whenever the reference applies YaRN.
+  * Frequencies: transformers computes them in float32, this project in float64 rounded to float32 at the end;
+    angles differ by about 1e-7 relative. An explicit attention_factor or truncate false is refused.
 - Dense layers: first_k_dense_replace = num_hidden_layers makes every FFN the SwiGLU MLP (intermediate_size =
   ffn_hidden); n_routed_experts 0 and num_nextn_predict_layers 0 say there are no experts and no MTP layers.
 - Vocabulary: the padded vocab_size (50304) is exported as is; the ids past GPT-2's 50257 never come from the
@@ -142,7 +159,7 @@ def load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 # ---- config -------------------------------------------------------------------------------------
 
 def to_hf_config(config: ModelConfig) -> dict:
-    """config.json for DeepseekV3ForCausalLM: dense, plain RoPE, interleaved RoPE rows."""
+    """config.json for DeepseekV3ForCausalLM: dense, interleaved RoPE rows, plain or YaRN RoPE."""
     eot = EOT_ID if EOT_ID < config.vocab_size else None  # transformers warns about special ids outside the vocab
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
@@ -161,7 +178,7 @@ def to_hf_config(config: ModelConfig) -> dict:
         "hidden_act": "silu",
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": to_hf_rope(config),
         "rope_interleave": True,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -174,6 +191,41 @@ def to_hf_config(config: ModelConfig) -> dict:
         "tokenizer_note": TOKENIZER_NOTE,
         "dtype": "float32",
     }
+
+
+def to_hf_rope(config: ModelConfig) -> dict:
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling == "yarn":
+        if config.mscale_all_dim == 0 and config.mscale != 1:
+            raise CLIError(f"mscale {config.mscale} with mscale_all_dim 0 does not export: transformers then "
+                           "ignores mscale (see the notes in convert_hf.py)")
+        rope |= {"rope_type": "yarn", "factor": config.rope_factor,
+                 "original_max_position_embeddings": config.original_seq_len, "beta_fast": config.beta_fast,
+                 "beta_slow": config.beta_slow, "mscale": config.mscale, "mscale_all_dim": config.mscale_all_dim}
+    return rope
+
+
+def from_hf_rope(rope: dict) -> dict:
+    """Our RoPE scaling fields from rope_parameters (or the older rope_scaling), read as transformers reads them."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return {}
+    if rope_type != "yarn":
+        raise CLIError(f"RoPE scaling {rope_type!r} is not supported: only yarn converts")
+    missing = [key for key in ("factor", "original_max_position_embeddings") if rope.get(key) is None]
+    if missing:
+        raise CLIError(f"RoPE scaling 'yarn' needs {' and '.join(missing)} in config.json")
+    if rope.get("attention_factor") is not None or rope.get("truncate", True) is not True:
+        raise CLIError("RoPE scaling 'yarn' with an explicit attention_factor or truncate false does not convert: "
+                       "this project derives them as DeepSeek does")
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if mscale_all_dim and not mscale:
+        raise CLIError("RoPE scaling 'yarn' with mscale_all_dim but no mscale does not convert: transformers and "
+                       "DeepSeek's code compute different attention factors for it")
+    return {"rope_scaling": "yarn", "rope_factor": float(rope["factor"]),
+            "original_seq_len": rope["original_max_position_embeddings"],
+            "beta_fast": float(rope.get("beta_fast") or 32), "beta_slow": float(rope.get("beta_slow") or 1),
+            "mscale": float(mscale) if mscale_all_dim else 1.0, "mscale_all_dim": float(mscale_all_dim or 0)}
 
 
 def from_hf_config(hf: dict) -> tuple[ModelConfig, bool]:
@@ -194,9 +246,6 @@ def from_hf_config(hf: dict) -> tuple[ModelConfig, bool]:
         raise CLIError(f"this DeepSeek-V3 model has mixture-of-experts layers (first_k_dense_replace {dense} < "
                        f"num_hidden_layers {hf['num_hidden_layers']}); only dense models convert")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers >= 5, or older config files
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise CLIError(f"RoPE scaling {rope_type!r} is not supported: this project's MLA uses plain RoPE")
     if hf["hidden_act"] != "silu" or hf["attention_bias"]:
         raise CLIError(f"only SwiGLU (hidden_act silu) without attention biases converts; got hidden_act "
                        f"{hf['hidden_act']!r}, attention_bias {hf['attention_bias']}")
@@ -211,7 +260,7 @@ def from_hf_config(hf: dict) -> tuple[ModelConfig, bool]:
             qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
             v_head_dim=hf["v_head_dim"], rope_theta=float(rope.get("rope_theta", hf["rope_theta"])),
             ffn_hidden=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"], dropout=0.0,
-            tie_embeddings=bool(hf["tie_word_embeddings"]))
+            tie_embeddings=bool(hf["tie_word_embeddings"]), **from_hf_rope(rope))
     except (TypeError, ValueError) as err:
         raise CLIError(f"config.json: {err}") from None
     return config, bool(hf["rope_interleave"])

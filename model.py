@@ -18,7 +18,8 @@ class RotaryTables:
     leaves them in float32: angles at far positions lose their precision in 16 bits. One copy per device."""
 
     def __init__(self, config: ModelConfig):
-        self.tables = {torch.device("cpu"): rope_tables(config.rope_dim, config.block_size, config.rope_theta)}
+        self.tables = {torch.device("cpu"): rope_tables(config.rope_dim, config.block_size, config.rope_theta,
+                                                        scaling=config)}
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at positions (B or 1, T) -> each (B or 1, T, rope_dim / 2)."""

@@ -1,7 +1,8 @@
 """The model's architecture in one dataclass, its named presets, and the numbers derived from it."""
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 ATTENTION_KINDS = ("mla", "mha", "gqa")
+ROPE_SCALINGS = ("none", "yarn")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,21 @@ class ModelConfig:
     qk_rope_head_dim: int = 32
     v_head_dim: int = 64
     rope_theta: float = 10000.0
+    # YaRN (Peng et al., arXiv 2309.00071) as DeepSeek-V2/V3 extend their context; names as in DeepSeek's configs
+    rope_scaling: str = field(default="none", metadata={"help": "none | yarn (YaRN on the RoPE dims)"})
+    rope_factor: float = field(default=1.0, metadata={
+        "help": "YaRN: context extension factor (DeepSeek-V3: 40); needs --rope-scaling yarn"})
+    original_seq_len: int = field(default=0, metadata={
+        "help": "YaRN: the context length the model was trained at (DeepSeek-V3: 4096); required with yarn"})
+    beta_fast: float = field(default=32.0, metadata={
+        "help": "YaRN: dims rotating more than this often over original_seq_len keep their frequency"})
+    beta_slow: float = field(default=1.0, metadata={
+        "help": "YaRN: dims rotating less than this often are interpolated by rope_factor; a ramp in between"})
+    mscale: float = field(default=1.0, metadata={
+        "help": "YaRN: cos/sin are scaled by mscale(rope_factor, mscale) / mscale(rope_factor, mscale_all_dim), "
+                "where mscale(s, m) = 0.1 m ln(s) + 1"})
+    mscale_all_dim: float = field(default=1.0, metadata={
+        "help": "YaRN: the softmax scale is multiplied by mscale(rope_factor, mscale_all_dim)^2 (0: not at all)"})
     ffn_hidden: int = 1024  # SwiGLU hidden width
     norm_eps: float = 1e-6
     dropout: float = 0.0
@@ -48,6 +64,27 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("norm_eps and rope_theta must be positive")
+        self.check_rope_scaling()
+
+    def check_rope_scaling(self):
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
+        if self.rope_scaling == "none":
+            if self.rope_factor != 1.0:
+                raise ValueError(f"rope_factor {self.rope_factor} needs rope_scaling 'yarn' (it is 'none')")
+            return
+        if not self.rope_factor >= 1.0:
+            raise ValueError(f"rope_factor must be >= 1 (1: no extension), got {self.rope_factor}")
+        if self.original_seq_len <= 0:
+            raise ValueError(f"original_seq_len (the context length trained at) must be positive for yarn, "
+                             f"got {self.original_seq_len}")
+        if not 0 < self.beta_slow < self.beta_fast:
+            raise ValueError(f"need 0 < beta_slow < beta_fast, got beta_slow {self.beta_slow} and "
+                             f"beta_fast {self.beta_fast}")
+        if not self.mscale > 0:
+            raise ValueError(f"mscale must be positive, got {self.mscale}")
+        if not self.mscale_all_dim >= 0:
+            raise ValueError(f"mscale_all_dim must be >= 0 (0: no softmax correction), got {self.mscale_all_dim}")
 
     # ---- presets and serialisation -------------------------------------------------------------
 
@@ -63,6 +100,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """Fields missing from d (as in checkpoints from before they existed) take their defaults."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -20,7 +20,7 @@ from data_prepare import PreparedData
 from decode_benchmark import CAPACITY_COLUMNS, PROBE_BYTES, SWEEP_COLUMNS, DecodeBench, plot, table_header, table_line
 from evaluation import evaluate
 from model import Transformer, compile_decode_step, left_pad
-from model_config import PRESETS
+from model_config import PRESETS, ModelConfig
 from runtime import DTYPES, keep_freed_memory, pick_device
 from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, add_argument as add_tokenizer_argument
 
@@ -188,6 +188,26 @@ def eval_command(model: Transformer, ckpt: dict, args, device):
                           "split": args.split, "model_config": model.config.to_dict()}))
 
 
+def with_eval_context(ckpt: dict, block_size: int | None, yarn_factor: float | None) -> dict:
+    """ckpt with its model config given another context length and/or YaRN factor. The RoPE tables are not
+    in the state dict, so the same weights load."""
+    saved = ckpt["model_config"]
+    overrides = {}
+    if block_size is not None:
+        overrides["block_size"] = block_size
+    if yarn_factor is not None:
+        has_yarn = saved.get("rope_scaling") == "yarn"
+        overrides |= {"rope_scaling": "yarn", "rope_factor": yarn_factor,
+                      "original_seq_len": saved["original_seq_len"] if has_yarn else saved["block_size"]}
+    if not overrides:
+        return ckpt
+    try:
+        ModelConfig.from_dict({**saved, **overrides})
+    except (TypeError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    return {**ckpt, "model_config": {**saved, **overrides}}
+
+
 # ---- command line -------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -203,6 +223,10 @@ def parse_args(argv=None):
     e.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward")
     e.add_argument("--stride", type=positive_int, help="slide windows by this many tokens, scoring only their last "
                                               "stride targets (default: block_size, disjoint windows)")
+    e.add_argument("--block-size", type=positive_int, help="window length, also the model's context (default: the "
+                                                  "checkpoint's block_size); longer runs RoPE past its trained length")
+    e.add_argument("--yarn", type=number(float, minimum=1), metavar="FACTOR", help="switch YaRN on with this rope_factor (default: the "
+                   "checkpoint's RoPE), over original_seq_len = the checkpoint's block_size unless it has YaRN already")
     s = p.add_argument_group("sampling (with --prompt or --prompt-file)")
     s.add_argument("--prompt", help="text to continue (\"\" starts a new document)")
     s.add_argument("--prompt-file", help="UTF-8 file holding the prompt, or a .jsonl file of prompts, one "
@@ -258,7 +282,7 @@ def main(argv=None):
     sampling = args.prompt is not None or args.prompt_file is not None
     if sampling:
         check_sampling_args(args)
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt = with_eval_context(load_checkpoint(args.ckpt), args.block_size, args.yarn)
     model = model_from_checkpoint(ckpt).to(device).eval()
     if sampling:
         sample_command(model, args, device)

@@ -3,6 +3,8 @@
     python train.py                                   # the shakespeare preset on data/shakespeare -> out/shakespeare
     python train.py --preset tiny --attention mha --max-iters 200 --out-dir out/tiny-mha
     python train.py --out-dir out/shakespeare --resume --max-iters 8000
+    python train.py --init-from out/shakespeare/best.pt --out-dir out/yarn-512 --block-size 512 \\
+        --rope-scaling yarn --rope-factor 4 --original-seq-len 128    # fine-tune at 4x the context with YaRN
     torchrun --standalone --nproc-per-node 8 train.py --preset gpt2-small --data-dir data/owt --out-dir out/gpt2
 
 Every TrainConfig and ModelConfig field is a flag (--lr, --n-layer, ...). With --resume the checkpoint's configs
@@ -26,7 +28,7 @@ from runtime import DTYPES
 from training import TrainConfig, train
 
 CHOICES = {"attention": ATTENTION_KINDS, "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES)}
-MODEL_HELP = {  # what each ModelConfig field means; its default comes from the preset
+MODEL_HELP = {  # what each ModelConfig field without a help of its own means; its default comes from the preset
     "vocab_size": "token ids the model knows (GPT-2's 50257 padded to 50304)",
     "block_size": "longest sequence the model takes, and the training sequence length",
     "n_layer": "transformer blocks", "d_model": "width of the residual stream", "n_head": "attention heads",
@@ -63,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flags(parser, TrainConfig, "training",
               lambda f: f"{f.metadata['help']} (default: {f.default})")
     add_flags(parser, ModelConfig, "model (override the preset)",
-              lambda f: f"{MODEL_HELP.get(f.name, f.name.replace('_', ' '))} (default: from the preset)")
+              lambda f: f"{f.metadata.get('help') or MODEL_HELP[f.name]} (default: from the preset)")
     return parser.parse_args(argv)
 
 

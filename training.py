@@ -232,7 +232,7 @@ def check_start(tc: TrainConfig, mc: ModelConfig, start: dict | None) -> None:
     if saved_optimizer != tc.optimizer:
         raise CLIError(f"cannot resume from {ckpt_path}: it was trained with --optimizer {saved_optimizer}, "
                        f"not {tc.optimizer}")
-    saved = start["model_config"]
+    saved = {**ModelConfig().to_dict(), **start["model_config"]}  # fields newer than the checkpoint: defaults
     diffs = [f"{name} (checkpoint {saved.get(name)!r}, requested {value!r})"
              for name, value in mc.to_dict().items() if saved.get(name) != value]
     if diffs:

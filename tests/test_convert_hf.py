@@ -281,3 +281,90 @@ def test_import_refuses_a_config_field_of_the_wrong_type(key, value, tmp_path):
     with pytest.raises(CLIError, match=f"config.json: {key} must be an integer, got {value!r}"):
         convert_hf.import_checkpoint(hf_dir, tmp_path / "imported.pt")
     assert not (tmp_path / "imported.pt").exists()
+
+
+# ---- YaRN ---------------------------------------------------------------------------------------
+
+YARN = {"rope_scaling": "yarn", "original_seq_len": 16, "block_size": 96}  # positions up to 6x the original
+
+
+@pytest.mark.parametrize("factor", [4.0, 40.0])
+@pytest.mark.parametrize("mscale", [1.0, 0.707], ids=["v3-mscale", "v2-lite-mscale"])
+@pytest.mark.parametrize("q_lora_rank", [32, 0])
+def test_exported_yarn_model_gives_the_same_logits_in_transformers(factor, mscale, q_lora_rank, tmp_path):
+    ours = project_model(q_lora_rank, qk_rope_head_dim=16, **YARN, rope_factor=factor, mscale=mscale,
+                         mscale_all_dim=mscale)
+    theirs = load_hf(exported(ours, tmp_path))
+    assert theirs.config.rope_parameters["rope_type"] == "yarn"
+    idx = random_tokens(2, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)
+
+
+def test_yarn_round_trips_and_is_what_makes_the_logits_agree(tmp_path):
+    """Unequal mscale and mscale_all_dim put a factor on cos/sin as well as on the softmax; reading the same
+    weights with plain RoPE breaks the match."""
+    ours = project_model(**YARN, rope_factor=8.0, mscale=0.8, mscale_all_dim=0.5, beta_fast=16.0, beta_slow=2.0)
+    hf_dir = exported(ours, tmp_path)
+    convert_hf.import_checkpoint(hf_dir, tmp_path / "back.pt")
+    assert load_checkpoint(tmp_path / "back.pt")["model_config"] == {**ours.config.to_dict(), "dropout": 0.0}
+    idx = random_tokens(1, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(hf_dir)(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)
+        edit_config(hf_dir, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        assert (load_hf(hf_dir)(idx).logits - ours(idx)[0]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.707, "mscale_all_dim": 0.707},
+    {"factor": 40.0, "original_max_position_embeddings": 8, "beta_fast": 16, "beta_slow": 2},  # no mscale: as 1
+    {"factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.707},  # transformers ignores this mscale
+])
+@pytest.mark.parametrize("layout", ["rope_parameters", "rope_scaling"])
+def test_yarn_model_saved_by_transformers_imports_with_the_same_logits(rope_scaling, layout, tmp_path):
+    """transformers 5 writes rope_parameters; DeepSeek's own config files have rope_scaling {"type": "yarn"}."""
+    torch.manual_seed(5)
+    config = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=16,
+        v_head_dim=12, first_k_dense_replace=2, max_position_embeddings=80,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 5000.0, **rope_scaling}, bos_token_id=None,
+        eos_token_id=None)
+    theirs = transformers.DeepseekV3ForCausalLM(config).eval()
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path / "hf")
+    if layout == "rope_scaling":
+        saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+        del saved["rope_parameters"]
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(
+            {**saved, "rope_theta": 5000.0, "rope_scaling": {"type": "yarn", **rope_scaling}}))
+    convert_hf.import_checkpoint(tmp_path / "hf", tmp_path / "imported.pt")
+    ours = model_from_checkpoint(load_checkpoint(tmp_path / "imported.pt")).eval()
+    assert ours.config.rope_scaling == "yarn" and ours.config.rope_factor == rope_scaling["factor"]
+    idx = random_tokens(2, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], theirs(idx).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("rope,message", [
+    ({"rope_type": "linear", "factor": 2.0}, "RoPE scaling 'linear' is not supported: only yarn converts"),
+    ({"rope_type": "yarn", "factor": 4.0}, "RoPE scaling 'yarn' needs original_max_position_embeddings"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "attention_factor": 1.2},
+     "explicit attention_factor or truncate false does not convert"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale_all_dim": 1.0},
+     "mscale_all_dim but no mscale does not convert"),
+    ({"rope_type": "yarn", "factor": 0.5, "original_max_position_embeddings": 16},
+     r"config.json: rope_factor must be >= 1"),
+])
+def test_import_refuses_yarn_it_cannot_reproduce(rope, message, tmp_path):
+    hf_dir = exported_then(tmp_path, rope_parameters={"rope_theta": 1e4, **rope})
+    with pytest.raises(CLIError, match=message):
+        convert_hf.import_checkpoint(hf_dir, tmp_path / "imported.pt")
+    assert not (tmp_path / "imported.pt").exists()
+
+
+def test_export_refuses_an_mscale_transformers_would_ignore(tmp_path):
+    model = project_model(**YARN, rope_factor=4.0, mscale=0.7, mscale_all_dim=0.0)
+    with pytest.raises(CLIError, match="mscale 0.7 with mscale_all_dim 0 does not export"):
+        exported(model, tmp_path)
+    assert not (tmp_path / "hf").exists()
