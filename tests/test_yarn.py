@@ -14,9 +14,11 @@ import torch
 import test as script  # the repo's test.py (pytest.ini puts the repo first on sys.path)
 import train
 from attention import GroupedQueryAttention, MultiHeadLatentAttention, rope_tables, softmax_scale
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
+from cli import CLIError
 from model import Transformer
 from model_config import ModelConfig
+from training import TrainConfig, check_start
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ModelConfig.from_preset("tiny", vocab_size=128)
@@ -106,7 +108,7 @@ def test_baseline_attention_under_yarn_is_rope_attention_with_yarns_tables_and_s
     x = torch.randn(2, 40, config.d_model)
     cos, sin = rope_tables(config.head_dim, 40, config.rope_theta, config)
     with torch.no_grad():
-        got = layer(x, cos, sin)
+        got = layer(x, cos[None], sin[None])
         q = layer.q_proj(x).view(2, 40, 4, 16).transpose(1, 2)
         k = layer.k_proj(x).view(2, 40, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
         v = layer.v_proj(x).view(2, 40, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
@@ -147,26 +149,28 @@ def test_bad_rope_scaling_field_is_one_clear_error(fields, message):
 def test_init_from_at_a_longer_context_with_yarn_loads_the_weights(tmp_path, capsys):
     """Fine-tuning at 4x the context: the RoPE tables are not in the state dict, so the weights load as they are."""
     ckpt = saved_tiny(tmp_path / "short.pt")
-    tc, mc = train.configs_from_args(["--init-from", str(ckpt), "--block-size", "256", "--rope-scaling", "yarn",
-                                      "--rope-factor", "4", "--original-seq-len", "64"])
+    tc, mc, start = train.configs_from_args(["--init-from", str(ckpt), "--block-size", "256", "--rope-scaling",
+                                             "yarn", "--rope-factor", "4", "--original-seq-len", "64"])
     assert mc == yarn(TINY, block_size=256, original_seq_len=64)
     model = Transformer(mc)
-    train.load_initial_weights(model, str(ckpt))
+    load_weights(model, start["model"], "cannot start")
     assert torch.equal(model.embed_tokens.weight, load_checkpoint(ckpt)["model"]["embed_tokens.weight"])
-    assert model.rope_cos.shape == (256, TINY.qk_rope_head_dim // 2)
+    cos, _ = model.rope.at(torch.arange(256)[None])
+    assert cos.shape == (1, 256, TINY.qk_rope_head_dim // 2)
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--rope-scaling ROPE_SCALING default: from the preset; none | yarn" in help_text
+    assert "--rope-scaling ROPE_SCALING none | yarn" in help_text
 
 
 def test_checkpoints_from_before_yarn_resume_with_plain_rope(tmp_path):
     old_config = {k: v for k, v in TINY.to_dict().items() if k not in ("rope_scaling", "rope_factor")}
-    ckpt = {key: None for key in ("optimizer", "scaler", "train_config", "step", "best_val_loss", "tokens_seen", "rng")}
-    ckpt["model_config"] = old_config
-    train.check_resumable(ckpt, TINY, tmp_path / "ckpt.pt")
-    with pytest.raises(train.CLIError, match=r"differs in rope_scaling \(checkpoint 'none', requested 'yarn'\)"):
-        train.check_resumable(ckpt, yarn(), tmp_path / "ckpt.pt")
+    ckpt = {"optimizer": None, "scaler": None, "train_config": {}, "step": 0, "best_val_loss": None,
+            "tokens_seen": 0, "rng": None, "model_config": old_config}
+    tc = TrainConfig(out_dir=str(tmp_path), resume=True)
+    check_start(tc, TINY, ckpt)
+    with pytest.raises(CLIError, match=r"differs in rope_scaling \(checkpoint 'none', requested 'yarn'\)"):
+        check_start(tc, yarn(), ckpt)
 
 
 def test_eval_context_and_yarn_override_the_checkpoint(tmp_path):
@@ -186,7 +190,9 @@ def test_eval_context_and_yarn_override_the_checkpoint(tmp_path):
      "error: original_seq_len (the context length trained at) must be positive for yarn, got 0"),
     (["train.py", "--out-dir", "OUT", "--rope-factor", "4"],
      "error: rope_factor 4.0 needs rope_scaling 'yarn' (it is 'none')"),
-    (["test.py", "--ckpt", "CKPT", "--yarn", "0.5"], "error: rope_factor must be >= 1 (1: no extension), got 0.5"),
+    (["test.py", "--ckpt", "CKPT", "--yarn", "0.5"], "error: argument --yarn: must be at least 1, got '0.5' (see --help)"),
+    (["train.py", "--out-dir", "OUT", "--rope-scaling", "yarn", "--rope-factor", "0.5", "--original-seq-len", "64"],
+     "error: rope_factor must be >= 1 (1: no extension), got 0.5"),
 ])
 def test_bad_rope_flag_is_one_error_line(command, message, tmp_path):
     paths = {"OUT": str(tmp_path / "out"), "CKPT": str(saved_tiny(tmp_path / "tiny.pt"))}
