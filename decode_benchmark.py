@@ -274,28 +274,32 @@ def ratio(row: dict) -> str:
     return f"{row['tokens_per_s_vs_mha']:.2f}" if "tokens_per_s_vs_mha" in row else "–"
 
 
-# (heading, cell) for each column; a row that did not fit shows its first three cells, then what it needs.
-SWEEP_COLUMNS = (
-    ("attention", lambda r: r["attention"]), ("batch", lambda r: f"{r['batch']}"),
-    ("context", lambda r: f"{r['context']}"), ("decode tok/s", lambda r: f"{r['decode_tokens_per_s']:,.1f}"),
-    ("ms/step", lambda r: f"{r['ms_per_step']:,.1f}"),
-    ("ms/step min–max", lambda r: f"{r['ms_per_step_min']:,.1f}–{r['ms_per_step_max']:,.1f}"),
-    ("cache MiB", lambda r: f"{r['cache_bytes'] / 2**20:,.1f}"),
-    ("MiB read/step", lambda r: f"{r['bytes_per_step'] / 2**20:,.1f}"),
-    ("GFLOP/step", lambda r: f"{r['flops_per_step'] / 1e9:,.2f}"),
-    ("GB/s", lambda r: f"{r['bytes_per_s'] / 1e9:,.1f}"),
-    ("machine GB/s", lambda r: f"{r['machine_bytes_per_s'] / 1e9:,.1f}"),
-    ("% of machine GB/s", lambda r: f"{100 * r['bandwidth_fraction']:.0f}%"),
-    ("GFLOP/s", lambda r: f"{r['flops_per_s'] / 1e9:,.1f}"), ("tok/s ÷ MHA", ratio),
-)
-CAPACITY_COLUMNS = (
-    ("attention", lambda r: r["attention"]), ("context", lambda r: f"{r['context']}"),
-    ("largest batch", lambda r: f"{r['batch']}"), ("cache GiB", lambda r: f"{r['cache_bytes'] / 2**30:,.2f}"),
-    ("decode tok/s (all sequences)", lambda r: f"{r['decode_tokens_per_s']:,.1f}"),
-    ("ms/step", lambda r: f"{r['ms_per_step']:,.1f}"),
-    ("ms/step min–max", lambda r: f"{r['ms_per_step_min']:,.1f}–{r['ms_per_step_max']:,.1f}"),
-    ("% of machine GB/s", lambda r: f"{100 * r['bandwidth_fraction']:.0f}%"), ("tok/s ÷ MHA", ratio),
-)
+# How each column shows a row, by the column's heading.
+CELLS = {
+    "attention": lambda r: r["attention"], "batch": lambda r: f"{r['batch']}", "context": lambda r: f"{r['context']}",
+    "decode tok/s": lambda r: f"{r['decode_tokens_per_s']:,.1f}", "ms/step": lambda r: f"{r['ms_per_step']:,.1f}",
+    "ms/step min–max": lambda r: f"{r['ms_per_step_min']:,.1f}–{r['ms_per_step_max']:,.1f}",
+    "cache MiB": lambda r: f"{r['cache_bytes'] / 2**20:,.1f}",
+    "cache GiB": lambda r: f"{r['cache_bytes'] / 2**30:,.2f}",
+    "MiB read/step": lambda r: f"{r['bytes_per_step'] / 2**20:,.1f}",
+    "GFLOP/step": lambda r: f"{r['flops_per_step'] / 1e9:,.2f}", "GB/s": lambda r: f"{r['bytes_per_s'] / 1e9:,.1f}",
+    "machine GB/s": lambda r: f"{r['machine_bytes_per_s'] / 1e9:,.1f}",
+    "% of machine GB/s": lambda r: f"{100 * r['bandwidth_fraction']:.0f}%",
+    "GFLOP/s": lambda r: f"{r['flops_per_s'] / 1e9:,.1f}", "tok/s ÷ MHA": ratio,
+}
+CELLS |= {"largest batch": CELLS["batch"], "decode tok/s (all sequences)": CELLS["decode tok/s"]}
+
+
+def columns(*headings: str) -> tuple:
+    """(heading, cell) for each column; a row that did not fit shows its first three cells, then what it needs."""
+    return tuple((heading, CELLS[heading]) for heading in headings)
+
+
+SWEEP_COLUMNS = columns("attention", "batch", "context", "decode tok/s", "ms/step", "ms/step min–max", "cache MiB",
+                        "MiB read/step", "GFLOP/step", "GB/s", "machine GB/s", "% of machine GB/s", "GFLOP/s",
+                        "tok/s ÷ MHA")
+CAPACITY_COLUMNS = columns("attention", "context", "largest batch", "cache GiB", "decode tok/s (all sequences)",
+                           "ms/step", "ms/step min–max", "% of machine GB/s", "tok/s ÷ MHA")
 
 
 def table_header(columns) -> str:

@@ -1,10 +1,18 @@
 """Shared test setup: GPT-2's BPE ranks load offline from ../shared when it is there, and the tests that need
-Tiny Shakespeare or those ranks skip, saying why, when they are absent (tests never download)."""
+Tiny Shakespeare or those ranks skip, saying why, when they are absent (tests never download). Also the helpers and
+fixtures that several test modules use: tiny models, random tokens, prepared byte-token data, one thread."""
 import hashlib
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+import data_prepare
+from model import Transformer
+from model_config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -28,3 +36,48 @@ def require_gpt2_ranks() -> None:
     if not cached.is_file() and not os.environ.get("MLA_TIKTOKEN_FILE"):
         pytest.skip("GPT-2's BPE ranks are not in TIKTOKEN_CACHE_DIR (../shared/tiktoken_cache is absent); "
                     "tests never download")
+
+
+VOCAB = 101
+KINDS = [dict(attention="mla"), dict(attention="mla", q_lora_rank=0), dict(attention="mha"), dict(attention="gqa")]
+KIND_IDS = ["mla", "mla-no-q-lora", "mha", "gqa"]
+
+
+def tiny_model(seed=0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB, **overrides)).eval()
+
+
+def random_tokens(batch, length, seed=1):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def write_byte_data(directory: Path, tokens: np.ndarray, val_tokens: int) -> Path:
+    """A prepared data dir (train.bin, val.bin, meta.json as data_prepare.py writes them) of byte tokens
+    (vocab 256): the last val_tokens of tokens for val, the rest for train."""
+    tokens = tokens.astype(np.uint16)
+    splits = {"train": tokens[:-val_tokens], "val": tokens[-val_tokens:]}
+    for split, ids in splits.items():
+        ids.tofile(directory / f"{split}.bin")
+    meta = {"format_version": data_prepare.FORMAT_VERSION, "tokenizer": "utf-8 bytes", "vocab_size": 256,
+            "eot_id": 0, "dtype": "uint16",
+            "splits": {split: {"tokens": len(ids), "text_bytes": len(ids)} for split, ids in splits.items()}}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def byte_data(tmp_path_factory) -> Path:
+    """The first 200 kB of Tiny Shakespeare as byte tokens: 180,000 for train, 20,000 for val."""
+    tokens = np.frombuffer(shakespeare_bytes(200_000), dtype=np.uint8)
+    return write_byte_data(tmp_path_factory.mktemp("bytes"), tokens, val_tokens=20_000)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine each of their many small ops waits
+    for it (two threads can be 4x slower): one thread keeps the tests fast however loaded the machine is."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,7 +1,6 @@
 """Bad input to every script is one line on stderr starting with 'error:', exit code 2, no traceback, and leaves
 the user's files as they were. Each script is run once as a real process (a bad flag); the other cases call its
 main() through cli.run in this process, which is the same path without the interpreter start."""
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import data_prepare
 import test as test_script  # the repo's test.py
 import train
 from checkpoint import load_checkpoint
+from conftest import write_byte_data
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ["train.py", "test.py", "data_prepare.py", "compare.py", "convert_hf.py export --ckpt a.pt --out-dir b"]
@@ -49,17 +49,10 @@ def refused(capsys, main, *argv) -> str:
 
 @pytest.fixture(scope="module")
 def byte_data(tmp_path_factory) -> Path:
-    """A prepared data dir of 6,000 random byte tokens (vocab 256)."""
-    directory = tmp_path_factory.mktemp("bytes")
+    """6,000 random byte tokens (vocab 256): 5,000 for train, 1,000 for val. Overrides conftest's Tiny Shakespeare
+    bytes, so that these tests run without the corpus."""
     tokens = np.random.default_rng(0).integers(0, 256, 6000, dtype=np.uint16)
-    splits = {"train": tokens[:5000], "val": tokens[5000:]}
-    for split, ids in splits.items():
-        ids.tofile(directory / f"{split}.bin")
-    meta = {"format_version": data_prepare.FORMAT_VERSION, "tokenizer": "utf-8 bytes", "vocab_size": 256,
-            "eot_id": 0, "dtype": "uint16",
-            "splits": {split: {"tokens": len(ids), "text_bytes": len(ids)} for split, ids in splits.items()}}
-    (directory / "meta.json").write_text(json.dumps(meta))
-    return directory
+    return write_byte_data(tmp_path_factory.mktemp("bytes"), tokens, val_tokens=1000)
 
 
 def tiny_run(data_dir, out_dir, *more):

@@ -1,6 +1,7 @@
 """tokenizer.py and data_prepare.py: exact round trips, the split, chunked streaming, the reader, bad inputs."""
 import gzip
 import hashlib
+import io
 import json
 import os
 import random
@@ -340,18 +341,7 @@ def test_default_input_offline_fails_naming_input(tmp_path, monkeypatch):
 
 def test_default_input_downloads_then_prepares_data_shakespeare(tok, tmp_path, monkeypatch):
     text = random_text(4, 100)
-
-    class Response:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def read(self):
-            return text.encode()
-
-    monkeypatch.setattr(data_prepare.urllib.request, "urlopen", lambda url, timeout: Response())
+    monkeypatch.setattr(data_prepare.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
     monkeypatch.chdir(tmp_path)
     prepare()
     out = tmp_path / "data" / "shakespeare"

@@ -8,22 +8,9 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from attention import MultiHeadLatentAttention, latent_attention, latent_attention_matmul
-from model import Transformer, left_pad
+from conftest import KIND_IDS, KINDS, VOCAB, random_tokens, tiny_model
+from model import left_pad
 from model_config import ModelConfig
-
-VOCAB = 101
-KINDS = [dict(attention="mla"), dict(attention="mla", q_lora_rank=0), dict(attention="mha"), dict(attention="gqa")]
-KIND_IDS = ["mla", "mla-no-q-lora", "mha", "gqa"]
-
-
-def tiny_model(seed=0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB, **overrides)).eval()
-
-
-def random_tokens(batch, length, seed=1):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
 
 def padded_causal_mask(pad: list[int], first_slot: int, queries: int, slots: int) -> torch.Tensor:
     """(B, 1, T, S) additive mask: query t at slot first_slot + t of row b reads slots pad[b] .. first_slot + t."""

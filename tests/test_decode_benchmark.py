@@ -23,14 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ["mla absorbed", "mla decompressed", "mha", "gqa"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine each of their many small ops waits
-    for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

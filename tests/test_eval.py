@@ -25,14 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS_CHARS = 24_000  # the first lines of Tiny Shakespeare: a val split of a few hundred tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine each of their many small ops
-    waits for it: one thread keeps these tests fast however loaded the machine is."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from attention import LayerCache, MultiHeadLatentAttention, apply_rope, rope_tables
+from conftest import KIND_IDS, KINDS, VOCAB, random_tokens, tiny_model
 from model import Transformer
 from model_config import ModelConfig
-
-VOCAB = 101
-KINDS = [dict(attention="mla"), dict(attention="mla", q_lora_rank=0), dict(attention="mha"), dict(attention="gqa")]
-KIND_IDS = ["mla", "mla-no-q-lora", "mha", "gqa"]
-
-
-def tiny_model(seed=0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB, **overrides)).eval()
-
-
-def random_tokens(batch, length, seed=1):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
 
 def rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight

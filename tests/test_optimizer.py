@@ -2,21 +2,19 @@
 would step), AdamW the rest; resuming stays bitwise exact, two DDP processes equal one, torch.compile equals eager,
 bf16 autocast trains, and a bad --optimizer is one line. The tiny preset on byte tokens, as in test_train.py."""
 import math
-import time
 from dataclasses import replace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from checkpoint import load_checkpoint
-from data_prepare import PreparedData
 from model import Transformer
-from test_train import (TINY, assert_same_run, byte_data, ddp_worker, feed_fixed_batches, free_port,  # noqa: F401
-                        one_thread, run_config, run_cli)
+from test_train import TINY, assert_same_run, ddp_worker, run_cli, run_config, train_on_one_and_two_processes
 from train import train
 from training import MuonWithAdamW, make_optimizer, train_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MUON_MATRICES = ("self_attn.q_a_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 STACKED = {"self_attn.q_b_proj": [16, 8] * 4, "self_attn.kv_a_proj_with_mqa": [32, 8],
@@ -92,20 +90,8 @@ def test_ddp_two_processes_equal_one_with_muon(tmp_path, byte_data, monkeypatch,
     """As test_train.py's DDP test, in float64: Muon orthogonalises in bfloat16 with a polynomial that magnifies
     small singular values several hundredfold, so float32 all-reduce rounding (1e-7) grows to 1e-4 in the weights
     after 3 steps; in float64 the bfloat16 inputs of both runs agree."""
-    mc = replace(TINY, dropout=0.0)
-    settings = dict(max_iters=3, grad_accum=2, eval_interval=3, eval_iters=1, log_interval=1, optimizer="muon")
-    single, double = tmp_path / "one", tmp_path / "two"
-    monkeypatch.setattr(PreparedData, "get_batch", PreparedData.get_batch)  # undone after the test
-    feed_fixed_batches(0, 1)
-    assert train(run_config(single, byte_data, batch_size=8, **settings), mc) == 0
-    args = (2, free_port(), run_config(double, byte_data, batch_size=4, **settings), mc, str(tmp_path))
-    processes = mp.start_processes(float64_ddp_worker, args=args, nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
-    while not processes.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in processes.processes:
-                process.kill()
-            pytest.fail("the DDP processes did not finish in 180 s")
+    single, double = train_on_one_and_two_processes(float64_ddp_worker, tmp_path, byte_data, replace(TINY, dropout=0.0),
+                                                    monkeypatch, optimizer="muon")
     one, two = load_checkpoint(single / "ckpt.pt"), load_checkpoint(double / "ckpt.pt")
     for name, weight in one["model"].items():
         assert weight.dtype == torch.float64

@@ -3,6 +3,7 @@ a crash while saving or a NaN loss leaves the checkpoints alone, and bad input i
 
 Most runs use a prepared data dir in data_prepare.py's format whose tokens are the UTF-8 bytes of Tiny Shakespeare
 (vocab 256), so that the tiny model's LM head is small and a training step takes milliseconds."""
+import io
 import itertools
 import json
 import os
@@ -39,13 +40,7 @@ TINY = ModelConfig.from_preset("tiny", vocab_size=256, dropout=0.1)  # dropout: 
 TIMING_FIELDS = ("tokens_per_sec", "mfu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second thread, and a busy machine can make two threads 4x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_config(out_dir, data_dir, **overrides) -> TrainConfig:
@@ -53,22 +48,6 @@ def run_config(out_dir, data_dir, **overrides) -> TrainConfig:
                     lr=3e-3, min_lr=3e-4, warmup_iters=5, eval_interval=5, eval_iters=2, log_interval=5,
                     device="cpu")
     return TrainConfig(**settings | overrides)
-
-
-@pytest.fixture(scope="module")
-def byte_data(tmp_path_factory) -> Path:
-    """A prepared data dir (train.bin, val.bin, meta.json as data_prepare.py writes them) holding the first 200 kB
-    of Tiny Shakespeare as byte tokens: 180,000 for train, 20,000 for val."""
-    directory = tmp_path_factory.mktemp("bytes")
-    tokens = np.frombuffer(shakespeare_bytes(200_000), dtype=np.uint8).astype(np.uint16)
-    splits = {"train": tokens[:180_000], "val": tokens[180_000:]}
-    for split, ids in splits.items():
-        ids.tofile(directory / f"{split}.bin")
-    meta = {"format_version": data_prepare.FORMAT_VERSION, "tokenizer": "utf-8 bytes", "vocab_size": 256,
-            "eot_id": 0, "dtype": "uint16",
-            "splits": {split: {"tokens": len(ids), "text_bytes": len(ids)} for split, ids in splits.items()}}
-    (directory / "meta.json").write_text(json.dumps(meta))
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -225,18 +204,7 @@ def test_default_data_dir_is_prepared_on_first_use(tmp_path, monkeypatch):
     (here from a stand-in for the download), then trained on."""
     require_gpt2_ranks()
     text = shakespeare_bytes(60_000)
-
-    class Response:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def read(self):
-            return text
-
-    monkeypatch.setattr(data_prepare.urllib.request, "urlopen", lambda url, timeout: Response())
+    monkeypatch.setattr(data_prepare.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text))
     monkeypatch.chdir(tmp_path)
     train_script.main(["--preset", "tiny", "--device", "cpu", "--max-iters", "1", "--eval-iters", "1",
                        "--batch-size", "2", "--out-dir", "out"])
@@ -375,25 +343,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_equal_one_with_twice_the_batch(tmp_path, byte_data, monkeypatch):
-    """gloo, 2 processes x batch 4 against 1 process x batch 8, with 2 accumulation micro-steps per step (so the
-    no_sync path runs) and no dropout. Rank 0 alone writes; each process seeds its streams differently."""
-    mc = replace(TINY, dropout=0.0)
-    settings = dict(max_iters=3, grad_accum=2, eval_interval=3, eval_iters=1, log_interval=1)
+def train_on_one_and_two_processes(worker, tmp_path: Path, data_dir: Path, mc: ModelConfig, monkeypatch,
+                                   **overrides) -> tuple[Path, Path]:
+    """3 steps of 2 accumulation micro-steps on feed_fixed_batches' batches: in this process at batch 8, then in
+    two spawned processes running worker (ddp_worker, or a function that calls it) at batch 4, which fail the test
+    if they have not finished after 180 s. Returns the two out dirs; the ranks' seeds are under tmp_path."""
+    settings = dict(max_iters=3, grad_accum=2, eval_interval=3, eval_iters=1, log_interval=1, **overrides)
     single, double = tmp_path / "one", tmp_path / "two"
     monkeypatch.setattr(PreparedData, "get_batch", PreparedData.get_batch)  # undone after the test
     feed_fixed_batches(0, 1)
-    assert train(run_config(single, byte_data, batch_size=8, **settings), mc) == 0
+    assert train(run_config(single, data_dir, batch_size=8, **settings), mc) == 0
 
-    args = (2, free_port(), run_config(double, byte_data, batch_size=4, **settings), mc, str(tmp_path))
-    processes = mp.start_processes(ddp_worker, args=args, nprocs=2, join=False, start_method="spawn")
+    args = (2, free_port(), run_config(double, data_dir, batch_size=4, **settings), mc, str(tmp_path))
+    processes = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 180
     while not processes.join(timeout=1):
         if time.monotonic() > deadline:
             for process in processes.processes:
                 process.kill()
             pytest.fail("the DDP processes did not finish in 180 s")
+    return single, double
 
+
+def test_ddp_two_processes_equal_one_with_twice_the_batch(tmp_path, byte_data, monkeypatch):
+    """gloo, 2 processes x batch 4 against 1 process x batch 8, with 2 accumulation micro-steps per step (so the
+    no_sync path runs) and no dropout. Rank 0 alone writes; each process seeds its streams differently."""
+    mc = replace(TINY, dropout=0.0)
+    single, double = train_on_one_and_two_processes(ddp_worker, tmp_path, byte_data, mc, monkeypatch)
     one, two = load_checkpoint(single / "ckpt.pt"), load_checkpoint(double / "ckpt.pt")
     assert one["model"].keys() == two["model"].keys() == Transformer(mc).state_dict().keys()  # no module. prefix
     for name, weight in one["model"].items():
