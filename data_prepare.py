@@ -104,7 +104,7 @@ def _fetch_shakespeare(path: Path) -> Path:
                 data = response.read()
         except OSError as err:
             raise cli.CLIError(f"cannot download Tiny Shakespeare ({err}); fetch {SHAKESPEARE_URL} yourself and "
-                               f"run: python data_prepare.py --input PATH") from None
+                               f"run: python data_prepare.py --input PATH --out-dir {path.parent}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         with cli.atomic_write(path) as temp:
             temp.write_bytes(data)

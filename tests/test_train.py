@@ -218,7 +218,7 @@ def test_default_data_dir_offline_is_one_line_naming_the_way_out(tmp_path, monke
 
     monkeypatch.setattr(data_prepare.urllib.request, "urlopen", offline)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CLIError, match=r"cannot download Tiny Shakespeare .* python data_prepare.py --input PATH"):
+    with pytest.raises(CLIError, match=r"cannot download Tiny Shakespeare .* data_prepare.py --input PATH --out-dir "):
         train_script.main(["--preset", "tiny", "--device", "cpu", "--max-iters", "1"])
     assert not any(tmp_path.iterdir())
 
