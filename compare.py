@@ -22,7 +22,7 @@ import torch
 import tokenizer
 from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, CLIError, atomic_write, number, positive_int, run
-from data_prepare import PreparedData
+from dataset import PreparedData
 from decode_benchmark import benchmark
 from evaluation import evaluate
 from model import Transformer

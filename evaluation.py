@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_prepare import PreparedData
+from dataset import PreparedData
 from model import Transformer
 
 

@@ -16,7 +16,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, CLIError, non_negative_float, number, positive_float, positive_int, run
-from data_prepare import PreparedData
+from dataset import PreparedData
 from decode_benchmark import CAPACITY_COLUMNS, PROBE_BYTES, SWEEP_COLUMNS, DecodeBench, plot, table_header, table_line
 from evaluation import evaluate
 from model import Transformer, compile_decode_step, left_pad

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_weights, save_checkpoint
 from cli import CLIError, atomic_write
-from data_prepare import PreparedData
+from dataset import PreparedData
 from model import Transformer
 from model_config import ModelConfig
 from runtime import DTYPES, device_peak_flops, keep_freed_memory, pick_device, pick_dtype

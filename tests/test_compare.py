@@ -9,6 +9,7 @@ import pytest
 import compare
 import data_prepare
 from checkpoint import load_checkpoint
+from dataset import PreparedData
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,7 +45,7 @@ def test_study_fills_every_column_and_resumes(prepared, monkeypatch):
     assert by_variant["mha"]["kv_cache_bytes_per_token_bf16"] == 2 * 2 * (2 * 64)
     assert by_variant["mla-no-q"]["params_total"] != by_variant["mla"]["params_total"]
     val_chars = len(text) - int(len(text) * 0.9)  # roughly: the val split is the last tenth of the text
-    assert abs(compare.val_characters(data_prepare.PreparedData(root / "data")) - val_chars) < 0.01 * len(text)
+    assert abs(compare.val_characters(PreparedData(root / "data")) - val_chars) < 0.01 * len(text)
     table = (out / "study.md").read_text()
     assert table.count("\n") == 2 + len(rows)
 

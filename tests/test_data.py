@@ -19,7 +19,7 @@ import torch
 import data_prepare
 import tokenizer
 from cli import CLIError
-from data_prepare import PreparedData
+from dataset import PreparedData
 
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"

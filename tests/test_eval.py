@@ -16,7 +16,7 @@ import test as script  # the repo's test.py (pytest.ini puts the repo first on s
 from checkpoint import save_checkpoint
 from conftest import require_gpt2_ranks, shakespeare_bytes
 from cli import CLIError
-from data_prepare import PreparedData
+from dataset import PreparedData
 from model import Transformer, sample_next
 from model_config import ModelConfig
 from tokenizer import VOCAB_SIZE, Tokenizer

@@ -28,7 +28,7 @@ import data_prepare
 from conftest import require_gpt2_ranks, shakespeare_bytes
 from checkpoint import load_checkpoint
 from cli import CLIError
-from data_prepare import PreparedData
+from dataset import PreparedData
 from model import Transformer
 from model_config import ModelConfig
 import train as train_script

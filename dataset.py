@@ -1,0 +1,108 @@
+"""The prepared-data format that data_prepare.py writes and training and evaluation read: meta.json beside flat
+uint16 token files train.bin and val.bin (results/data-prepare.md has the format with an example)."""
+import json
+from pathlib import Path
+
+import numpy as np
+
+import cli
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+class PreparedData:
+    """A directory written by data_prepare.py: its meta.json and memory-mapped train/val token files."""
+
+    def __init__(self, data_dir):
+        self.data_dir = Path(data_dir)
+        self.meta = _read_meta(self.data_dir / "meta.json")
+        self.vocab_size = self.meta["vocab_size"]
+        self.eot_id = self.meta["eot_id"]
+        self._tokens = {split: _open_tokens(self.data_dir / f"{split}.bin", self.meta["splits"][split]["tokens"])
+                        for split in SPLITS}
+
+    def tokens(self, split: str) -> np.memmap:
+        """The split's uint16 token ids."""
+        return self._tokens[split]
+
+    def text_bytes(self, split: str) -> int:
+        """UTF-8 bytes of the text behind the split's tokens, separators excluded (for bits per byte)."""
+        return self.meta["splits"][split]["text_bytes"]
+
+    def get_batch(self, split, batch_size, block_size, generator, device="cpu"):
+        """Random (x, y) int64 tensors of shape (batch_size, block_size); y is x one token ahead.
+
+        Start offsets come from torch.randint with generator (a torch.Generator), so restoring
+        generator.get_state() replays the same batches.
+        """
+        import torch  # here, not at the top: preparing data needs no torch and starts faster and leaner without it
+
+        data = self._tokens[split]
+        if len(data) < block_size + 1:
+            raise cli.CLIError(f"the {split} split has {len(data)} tokens, not the block_size + 1 ({block_size + 1}) "
+                               "a batch needs")
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+        windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        if torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+    def eval_windows(self, split, block_size, stride=None):
+        """1-D int64 (x, y) windows of length block_size that score every target of the split exactly once.
+
+        y is -1 where a target is not scored. Windows start every stride tokens (default block_size: no overlap);
+        each window after the first scores only its last stride targets, so each gets at least
+        block_size - stride tokens of context. The last window is padded with x = 0, y = -1.
+        """
+        import torch
+
+        stride = stride or block_size
+        if not 0 < stride <= block_size:
+            raise cli.CLIError(f"eval stride must be between 1 and block_size ({block_size}), got {stride}")
+        data = self._tokens[split]
+        last_start = max(len(data) - 1 - block_size, 0)
+        for start in range(0, last_start + stride, stride):
+            window = data[start : start + block_size + 1].astype(np.int64)
+            x = np.zeros(block_size, dtype=np.int64)
+            y = np.full(block_size, -1, dtype=np.int64)
+            x[: min(len(window), block_size)] = window[:block_size]
+            y[: len(window) - 1] = window[1:]
+            if start > 0:
+                y[: block_size - stride] = -1  # scored by the previous window
+            yield torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _read_meta(path: Path) -> dict:
+    """meta.json, checked: its format version, dtype and the fields the reader uses."""
+    if not path.is_file():
+        raise cli.CLIError(f"{path}: missing; prepare the data with data_prepare.py first")
+    try:
+        meta = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise cli.CLIError(f"{path}: not valid JSON ({err})") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise cli.CLIError(f"{path}: unknown format_version {version!r} (this code reads {FORMAT_VERSION})")
+    try:
+        dtype = meta["dtype"]
+        counts = [meta["vocab_size"], meta["eot_id"]]
+        counts += [meta["splits"][split][key] for split in SPLITS for key in ("tokens", "text_bytes")]
+    except (KeyError, TypeError) as err:
+        raise cli.CLIError(f"{path}: malformed, missing field {err}") from None
+    if not all(isinstance(count, int) for count in counts):
+        raise cli.CLIError(f"{path}: malformed, a count is not an integer")
+    if dtype != "uint16":
+        raise cli.CLIError(f"{path}: dtype {dtype!r}, expected 'uint16'")
+    return meta
+
+
+def _open_tokens(path: Path, n_tokens: int) -> np.memmap:
+    """Memory-map a split's token file after checking its size against meta.json."""
+    if not path.is_file():
+        raise cli.CLIError(f"{path}: missing")
+    size = path.stat().st_size
+    if n_tokens < 1 or size != 2 * n_tokens:
+        raise cli.CLIError(f"{path}: {size} bytes, but meta.json says {n_tokens} tokens ({2 * n_tokens} bytes)")
+    return np.memmap(path, dtype=np.uint16, mode="r")
