@@ -190,10 +190,11 @@ def test_eval_context_and_yarn_override_the_checkpoint(tmp_path):
      "error: original_seq_len (the context length trained at) must be positive for yarn, got 0"),
     (["train.py", "--out-dir", "OUT", "--rope-factor", "4"],
      "error: rope_factor 4.0 needs rope_scaling 'yarn' (it is 'none')"),
-    (["test.py", "--ckpt", "CKPT", "--yarn", "0.5"], "error: argument --yarn: must be at least 1, got '0.5' (see --help)"),
+    (["test.py", "--ckpt", "CKPT", "--yarn", "0.5"],
+     "error: argument --yarn: must be at least 1, got '0.5' (see --help)"),
     (["train.py", "--out-dir", "OUT", "--rope-scaling", "yarn", "--rope-factor", "0.5", "--original-seq-len", "64"],
      "error: rope_factor must be >= 1 (1: no extension), got 0.5"),
-])
+], ids=["yarn-without-original-length", "factor-without-yarn", "test-yarn-below-1", "train-factor-below-1"])
 def test_bad_rope_flag_is_one_error_line(command, message, tmp_path):
     paths = {"OUT": str(tmp_path / "out"), "CKPT": str(saved_tiny(tmp_path / "tiny.pt"))}
     result = subprocess.run([sys.executable, *[paths.get(part, part) for part in command]], cwd=REPO,
