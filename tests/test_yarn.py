@@ -195,7 +195,7 @@ def test_eval_context_and_yarn_override_the_checkpoint(tmp_path):
     (["train.py", "--out-dir", "OUT", "--rope-scaling", "yarn", "--rope-factor", "0.5", "--original-seq-len", "64"],
      "error: rope_factor must be >= 1 (1: no extension), got 0.5"),
 ], ids=["yarn-without-original-length", "factor-without-yarn", "test-yarn-below-1", "train-factor-below-1"])
-def test_bad_rope_flag_is_one_error_line(command, message, tmp_path):
+def test_bad_rope_flag_is_refused_in_one_line(command, message, tmp_path):
     paths = {"OUT": str(tmp_path / "out"), "CKPT": str(saved_tiny(tmp_path / "tiny.pt"))}
     result = subprocess.run([sys.executable, *[paths.get(part, part) for part in command]], cwd=REPO,
                             capture_output=True, text=True)
