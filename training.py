@@ -66,7 +66,7 @@ def stacked_row_blocks(model: torch.nn.Module) -> dict[torch.Tensor, list[int]]:
     blocks = {}
     for m in model.modules():
         if isinstance(m, MultiHeadLatentAttention):
-            q = m.q_b_proj if hasattr(m, "q_b_proj") else m.q_proj
+            q = m.q_b_proj if m.q_lora_rank else m.q_proj
             blocks[q.weight] = [m.dn, m.dr] * m.n_head
             blocks[m.kv_a_proj_with_mqa.weight] = [m.r, m.dr]
             blocks[m.kv_b_proj.weight] = [m.dn, m.dv] * m.n_head
