@@ -73,18 +73,28 @@ def stacked_row_blocks(model: torch.nn.Module) -> dict[torch.Tensor, list[int]]:
     return blocks
 
 
+def gradient_rows_to(blocks: tuple[torch.Tensor, ...]):
+    """A post-accumulate-grad hook for a stacked weight: each row block's grad becomes the view of its rows."""
+    def hook(weight: torch.Tensor) -> None:
+        for block, grad in zip(blocks, weight.grad.split([b.size(0) for b in blocks])):
+            block.grad = grad
+    return hook
+
+
 class MuonWithAdamW:
     """torch's Muon on the hidden matrices and an AdamW over the other parameters, stepped, zeroed and saved as
     one optimiser. Muon orthogonalises each matrix that MLA stacks (stacked_row_blocks) separately: it steps
     row blocks that share the stacked weight's storage, whose gradients are the matching rows of the weight's
     (results/muon.md measures this against one update per weight). Muon scales its lr as Moonlight does
     (adjust_lr_fn="match_rms_adamw": an update's RMS is 0.2 lr, about AdamW's), so one lr and one weight decay
-    serve both optimisers. No float16 loss scaling (train.py refuses it): GradScaler.unscale_ would miss the
-    blocks' gradients, which step() sets."""
+    serve both optimisers. The blocks' gradients are views of the weight's, set as soon as autograd has written
+    it, so that GradScaler.unscale_ unscales (and checks for inf) every row in place."""
 
     def __init__(self, hidden: list[torch.Tensor], stacked: dict[torch.Tensor, list[int]],
                  adamw: torch.optim.AdamW, lr: float, weight_decay: float):
         self.split = [(w, w.detach().split(stacked[w])) for w in hidden if w in stacked]
+        for weight, blocks in self.split:
+            weight.register_post_accumulate_grad_hook(gradient_rows_to(blocks))
         matrices = [w for w in hidden if w not in stacked] + [b for _, blocks in self.split for b in blocks]
         self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         self.adamw = adamw
@@ -95,9 +105,6 @@ class MuonWithAdamW:
         return self.muon.param_groups + self.adamw.param_groups
 
     def step(self) -> None:
-        for weight, blocks in self.split:
-            for block, grad in zip(blocks, weight.grad.split([b.size(0) for b in blocks])):
-                block.grad = grad
         self.muon.step()
         self.adamw.step()
 
@@ -311,8 +318,6 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, fused=rt.device_type == "cuda",
                                         kind=tc.optimizer)
         self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
-        if self.scaler.is_enabled() and tc.optimizer == "muon":
-            raise CLIError("--optimizer muon does not support float16 loss scaling; pass --dtype bfloat16 or float32")
         if tc.resume:
             self.restore(start)
         self.train_model = self.eval_model = torch.compile(self.model) if rt.compile else self.model

@@ -22,9 +22,10 @@ STACKED = {"self_attn.q_b_proj": [16, 8] * 4, "self_attn.kv_a_proj_with_mqa": [3
 
 
 def random_grads(model: nn.Module, seed: int):
+    """Backward of a random linear function of the weights: each gradient is a random tensor, written by autograd
+    as a real backward writes it."""
     generator = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=generator)
+    sum((p * torch.randn(p.shape, generator=generator)).sum() for p in model.parameters()).backward()
 
 
 def test_muon_steps_the_hidden_matrices_and_adamw_the_rest():
@@ -138,9 +139,47 @@ def test_bf16_autocast_steps_train(kind):
     assert isinstance(make_optimizer(Transformer(TINY), 1e-3, 0.1, False, kind), MuonWithAdamW) == (kind == "muon")
 
 
+def scaled_step(model: nn.Module, optimizer: MuonWithAdamW, scale: float, batch: torch.Tensor, poison=None):
+    """One float16-style step: backward of the loss times scale, unscale_, step. Returns the gradients the
+    optimisers saw after unscale_ (Muon's row blocks, AdamW's parameters). poison(model) may edit gradients
+    before unscale_."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    scaler.scale(model(batch[:, :-1], batch[:, 1:])[1]).backward()
+    if poison is not None:
+        poison(model)
+    scaler.unscale_(optimizer)
+    grads = [p.grad.clone() for group in optimizer.param_groups for p in group["params"]]
+    scaler.step(optimizer)
+    optimizer.zero_grad()
+    return grads
+
+
+def test_loss_scaling_reaches_muons_row_blocks():
+    """GradScaler.unscale_ unscales every gradient Muon steps, MLA's row blocks included: a step at loss scale
+    2^12 sees the same gradients as one at scale 1, bit for bit, and ends at the same weights; an inf in one
+    stacked weight's gradient skips the whole step."""
+    batch = torch.randint(0, 256, (4, TINY.block_size + 1), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for scale in (1.0, 2.0 ** 12):
+        torch.manual_seed(0)
+        model = Transformer(replace(TINY, dropout=0.0))
+        optimizer = make_optimizer(model, 3e-3, 0.1, fused=False, kind="muon")
+        runs.append((scaled_step(model, optimizer, scale, batch), model.state_dict()))
+    (grads, weights), (scaled_grads, scaled_weights) = runs
+    assert len(grads) == len(scaled_grads) and all(map(torch.equal, grads, scaled_grads))
+    for name, weight in weights.items():
+        torch.testing.assert_close(scaled_weights[name], weight, rtol=0, atol=0, msg=name)
+
+    def inf_in_kv_b_proj(poisoned: nn.Module):
+        poisoned.layers[1].self_attn.kv_b_proj.weight.grad[-1, -1] = math.inf
+
+    before = {name: w.clone() for name, w in scaled_weights.items()}
+    scaled_step(model, optimizer, 2.0 ** 12, batch, poison=inf_in_kv_b_proj)
+    assert all(torch.equal(model.state_dict()[name], w) for name, w in before.items())
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--optimizer", "sgd"], "optimizer must be one of adamw, muon, got 'sgd'"),
-    (["--optimizer", "muon", "--dtype", "float16"], "--optimizer muon does not support float16 loss scaling"),
 ])
 def test_bad_optimizer_is_one_line(tmp_path, byte_data, args, expected):
     out = tmp_path / "out"
