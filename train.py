@@ -83,7 +83,7 @@ def configs_from_args(argv=None) -> tuple[TrainConfig, ModelConfig, dict | None]
         if train_flags.get("resume"):
             out_dir = train_flags.setdefault("out_dir", TrainConfig.out_dir)
             start = load_checkpoint(Path(out_dir) / "ckpt.pt")
-            saved = start.get("train_config", {})
+            saved = {"optimizer": "adamw"} | start.get("train_config", {})  # saved before --optimizer existed
             tc = TrainConfig(**{k: v for k, v in saved.items() if k in train_names} | train_flags)
         else:
             tc = TrainConfig(**train_flags)

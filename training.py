@@ -41,6 +41,7 @@ def lr_at(step: int, tc) -> float:
 
 
 OPTIMIZERS = ("adamw", "muon")
+TUNED_LR = {"adamw": 1e-3, "muon": 3e-3}  # the peak lr each wants on the shakespeare preset (results/muon.md)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool, kind: str = "adamw"):
@@ -158,14 +159,16 @@ class TrainConfig:
     max_iters: int = field(default=400, metadata={"help": "optimiser steps to train for"})
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-step, per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimiser step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate, reached after warmup_iters"})
-    min_lr: float = field(default=1e-4, metadata={"help": "the cosine decays to this at lr_decay_iters and stays"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate, reached after warmup_iters; None: the optimizer's (adamw 1e-3, muon 3e-3)"})
+    min_lr: float | None = field(default=None, metadata={
+        "help": "the cosine decays to this at lr_decay_iters and stays; None: lr / 10"})
     warmup_iters: int = field(default=50, metadata={"help": "steps of linear warmup"})
     lr_decay_iters: int | None = field(default=None, metadata={"help": "step where the cosine ends; None: max_iters"})
     weight_decay: float = field(default=0.1, metadata={"help": "weight decay, on matrices only"})
-    optimizer: str = field(default="adamw", metadata={
+    optimizer: str = field(default="muon", metadata={
         "help": "adamw, or muon: Muon on the 2-D weights inside the blocks and AdamW on the rest, sharing lr and "
-                "weight_decay; muon wants about 3x the lr (--lr 3e-3 --min-lr 3e-4, see results/muon.md)"})
+                "weight_decay (results/muon.md)"})
     eval_interval: int = field(default=100, metadata={
         "help": "evaluate, save ckpt.pt (and best.pt when val improves) every this many steps"})
     eval_iters: int = field(default=10, metadata={"help": "batches per split per evaluation"})
@@ -186,14 +189,18 @@ class TrainConfig:
         for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.lr is None:
+            object.__setattr__(self, "lr", TUNED_LR[self.optimizer])
+        if self.min_lr is None:
+            object.__setattr__(self, "min_lr", self.lr / 10)
         if not all(math.isfinite(x) for x in (self.lr, self.min_lr, self.weight_decay, self.peak_flops or 1)):
             raise ValueError("lr, min_lr, weight_decay and peak_flops must be finite numbers")
         if not 0 <= self.min_lr <= self.lr or self.lr == 0:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got min_lr {self.min_lr} and lr {self.lr}")
         if self.warmup_iters < 0 or self.weight_decay < 0:
             raise ValueError("warmup_iters and weight_decay must be >= 0")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.dtype not in ("auto", *DTYPES):

@@ -62,10 +62,10 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(prepared):
     out = root / "resume"
     argv = ["--data-dir", str(root / "data"), "--preset", "tiny", "--out-dir", str(out), "--seeds", "1",
             "--variants", "mla", "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
-            "--bench-context", "48", "--optimizer", "muon"]
+            "--bench-context", "48", "--optimizer", "adamw"]
     compare.main(argv)
     run_dir = out / "mla-seed1"
-    assert load_checkpoint(run_dir / "ckpt.pt")["train_config"]["optimizer"] == "muon"
+    assert load_checkpoint(run_dir / "ckpt.pt")["train_config"]["optimizer"] == "adamw"
     first = json.loads((run_dir / "result.json").read_text())
     (run_dir / "result.json").unlink()  # as if stopped after training, before evaluation
     compare.main(argv)

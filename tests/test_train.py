@@ -46,7 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def run_config(out_dir, data_dir, **overrides) -> TrainConfig:
     settings = dict(data_dir=str(data_dir), out_dir=str(out_dir), max_iters=20, lr_decay_iters=20, batch_size=8,
                     lr=3e-3, min_lr=3e-4, warmup_iters=5, eval_interval=5, eval_iters=2, log_interval=5,
-                    device="cpu")
+                    device="cpu", optimizer="adamw")  # test_optimizer.py runs these with muon
     return TrainConfig(**settings | overrides)
 
 
@@ -407,6 +407,20 @@ def test_cli_resume_takes_the_configs_from_the_checkpoint(tmp_path, straight_run
     assert after[:len(before)] == before and [line["step"] for line in after[len(before):]] == [21, 21, 23, 23]
 
 
+def test_lr_defaults_follow_the_optimizer(tmp_path, straight_run):
+    """lr: each optimizer's tuned peak (results/muon.md), min_lr a tenth of lr; a checkpoint saved before
+    --optimizer existed resumes as the AdamW run it was."""
+    assert (TrainConfig().optimizer, TrainConfig().lr) == ("muon", 3e-3)
+    assert TrainConfig().min_lr == pytest.approx(3e-4, rel=1e-15)
+    assert (TrainConfig(optimizer="adamw").lr, TrainConfig(optimizer="adamw").min_lr) == (1e-3, 1e-4)
+    assert (TrainConfig(lr=5e-3, min_lr=1e-3).min_lr, TrainConfig(lr=2e-3).min_lr) == (1e-3, 2e-3 / 10)
+    ckpt = load_checkpoint(straight_run / "ckpt.pt")
+    del ckpt["train_config"]["optimizer"]
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    tc, _, _ = train_script.configs_from_args(["--resume", "--out-dir", str(tmp_path)])
+    assert (tc.optimizer, tc.lr, tc.min_lr) == ("adamw", 3e-3, 3e-4)  # the run's own, not the defaults
+
+
 @pytest.mark.parametrize("case", ["vocab", "short split", "no data", "bad value", "ckpt exists", "other model"])
 def test_bad_input_is_one_line(case, tmp_path, byte_data, straight_run):
     out = tmp_path / "out"
@@ -416,7 +430,7 @@ def test_bad_input_is_one_line(case, tmp_path, byte_data, straight_run):
         "short split": (["--data-dir", byte_data, "--preset", "tiny", "--vocab-size", 256, "--block-size", 20_000],
                         "the val split has 20000 tokens, fewer than block_size + 1 = 20001"),
         "no data": (["--data-dir", tmp_path / "missing"], "meta.json: missing"),
-        "bad value": (["--data-dir", byte_data, "--lr", 1e-5], "need 0 <= min_lr <= lr"),
+        "bad value": (["--data-dir", byte_data, "--lr", 1e-5, "--min-lr", 1e-4], "need 0 <= min_lr <= lr"),
         "ckpt exists": (["--data-dir", byte_data, "--preset", "tiny", "--vocab-size", 256, "--out-dir", straight_run],
                         "ckpt.pt exists; pass --resume"),
         "other model": (["--resume", "--out-dir", straight_run, "--n-layer", 3],
@@ -438,7 +452,8 @@ def test_init_from_starts_a_fresh_run_from_the_checkpoint_weights(tmp_path, byte
     assert mc == replace(TINY, dropout=0.2)
     trainer = training.Trainer(tc, mc, start)
     weights = load_checkpoint(source)["model"]
-    assert trainer.step == 0 and not trainer.optimizer.state
+    assert trainer.step == 0 and tc.optimizer == "muon"  # the default, whatever the checkpoint was trained with
+    assert not trainer.optimizer.muon.state and not trainer.optimizer.adamw.state
     for name, tensor in trainer.model.state_dict().items():
         assert torch.equal(tensor, weights[name]), name
     with pytest.raises(CLIError, match="cannot start from .*size mismatch"):

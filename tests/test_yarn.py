@@ -167,7 +167,7 @@ def test_checkpoints_from_before_yarn_resume_with_plain_rope(tmp_path):
     old_config = {k: v for k, v in TINY.to_dict().items() if k not in ("rope_scaling", "rope_factor")}
     ckpt = {"optimizer": None, "scaler": None, "train_config": {}, "step": 0, "best_val_loss": None,
             "tokens_seen": 0, "rng": None, "model_config": old_config}
-    tc = TrainConfig(out_dir=str(tmp_path), resume=True)
+    tc = TrainConfig(out_dir=str(tmp_path), resume=True, optimizer="adamw")
     check_start(tc, TINY, ckpt)
     with pytest.raises(CLIError, match=r"differs in rope_scaling \(checkpoint 'none', requested 'yarn'\)"):
         check_start(tc, yarn(), ckpt)
