@@ -5,8 +5,8 @@
 
 Every variant trains on the same data with the same seed, tokens, optimiser and schedule (train.py's defaults
 plus the flags given here), is evaluated on the whole val split (test.py's evaluate, on best.pt), and benchmarked
-(test.py's benchmark: decode at --bench-context, batch 1, float32). The study writes OUT/study.md (a markdown table)
-and OUT/study.json. Each run lives in OUT/<variant>-seed<seed>/ and checkpoints as it trains, so running the same
+(test.py's benchmark: decode at --bench-context, batch 1, float32). The study writes OUT/study.md (a markdown table),
+OUT/study.json and, with matplotlib, OUT/study.png (val loss against step per run; whole-val loss against cache size). Each run lives in OUT/<variant>-seed<seed>/ and checkpoints as it trains, so running the same
 command again resumes where it stopped and skips what is done.
 """
 import functools
@@ -130,6 +130,39 @@ def markdown(rows: list[dict], context: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_study(rows: list[dict], run_dirs: list[Path], png_path: Path) -> None:
+    """Left: each run's val-loss estimates against step (its metrics.jsonl), a colour per variant and a line style
+    per seed. Right: each run's whole-val loss against its KV-cache bytes per token. Skipped, with a note, when
+    matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+    except ImportError:
+        print(f"note: matplotlib is not installed, so there is no {png_path}; pip install matplotlib and run the same "
+              "command again (finished runs are not retrained)")
+        return
+    colours = {name: f"C{i}" for i, name in enumerate(VARIANTS)}
+    styles = {seed: style for seed, style in zip(dict.fromkeys(r["seed"] for r in rows), ("-", "--", ":", "-."))}
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    curves, costs = fig.subplots(1, 2)
+    for row, run_dir in zip(rows, run_dirs):
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        points = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and r["step"] > 0]
+        curves.plot(*zip(*points), styles.get(row["seed"], "-"), color=colours[row["variant"]], marker="o",
+                    label=f"{row['variant']}, seed {row['seed']}")
+        costs.scatter(row["kv_cache_bytes_per_token_bf16"], row["val_loss"], color=colours[row["variant"]])
+        costs.annotate(f"{row['variant']} {row['seed']}", (row["kv_cache_bytes_per_token_bf16"], row["val_loss"]),
+                       fontsize=7, xytext=(4, 2), textcoords="offset points")
+    curves.set(xlabel="step", ylabel="val loss, 10-batch estimate (nats/token)", title="training")
+    curves.legend(fontsize=7, ncol=2)
+    sizes = sorted({r["kv_cache_bytes_per_token_bf16"] for r in rows})
+    costs.set(xscale="log", xlabel="KV cache bytes per token (bf16, log scale)",
+              ylabel="whole-val loss of best.pt (nats/token)", title="quality against cache")
+    costs.set_xticks(sizes, [f"{size:,}" for size in sizes], minor=False)
+    costs.minorticks_off()
+    with atomic_write(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
 def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
@@ -201,6 +234,7 @@ def main(argv=None):
                                            "torch": torch.__version__, "threads": torch.get_num_threads(),
                                            "rows": table})
     write_text_atomic(out / "study.md", markdown(table, args.bench_context))
+    plot_study(rows, [Path(tc.out_dir) for _, tc in runs.values()], out / "study.png")
     print(markdown(table, args.bench_context))
 
 

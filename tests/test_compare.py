@@ -3,6 +3,7 @@ column of the table filled, and a second call resumes rather than retrains."""
 import json
 import math
 import random
+import sys
 
 import pytest
 
@@ -48,6 +49,7 @@ def test_study_fills_every_column_and_resumes(prepared, monkeypatch):
     assert abs(compare.val_characters(PreparedData(root / "data")) - val_chars) < 0.01 * len(text)
     table = (out / "study.md").read_text()
     assert table.count("\n") == 2 + len(rows)
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def no_training(*args):
         raise AssertionError("a finished run was trained again")
@@ -99,3 +101,11 @@ def test_a_rerun_with_other_settings_is_refused_before_training(prepared, monkey
     with pytest.raises(compare.CLIError, match="max_iters 3 there, 4 now.*choose another --out-dir"):
         compare.main(argv(4))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_without_matplotlib_the_plot_is_one_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    compare.plot_study([], [], tmp_path / "study.png")
+    note = capsys.readouterr().out
+    assert note.startswith("note: matplotlib is not installed") and note.count("\n") == 1
+    assert not (tmp_path / "study.png").exists()
