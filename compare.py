@@ -6,8 +6,9 @@
 Every variant trains on the same data with the same seed, tokens, optimiser and schedule (train.py's defaults
 plus the flags given here), is evaluated on the whole val split (test.py's evaluate, on best.pt), and benchmarked
 (test.py's benchmark: decode at --bench-context, batch 1, float32). The study writes OUT/study.md (a markdown table),
-OUT/study.json and, with matplotlib, OUT/study.png (val loss against step per run; whole-val loss against cache size). Each run lives in OUT/<variant>-seed<seed>/ and checkpoints as it trains, so running the same
-command again resumes where it stopped and skips what is done.
+OUT/study.json and, with matplotlib, OUT/study.png (val loss against step per run; whole-val loss against cache
+size). Each run lives in OUT/<variant>-seed<seed>/ and checkpoints as it trains, so running the same command again
+resumes where it stopped and skips what is done.
 """
 import functools
 import json
@@ -27,7 +28,7 @@ from decode_benchmark import benchmark
 from evaluation import evaluate
 from model import Transformer
 from model_config import PRESETS, ModelConfig
-from training import OPTIMIZERS, TrainConfig, train
+from training import OPTIMIZERS, TrainConfig, read_metrics, train
 
 # variant -> model overrides. "mla-no-q" is MLA without query compression, as in DeepSeek-V2-Lite.
 VARIANTS = {"mla": {"attention": "mla"}, "mla-no-q": {"attention": "mla", "q_lora_rank": 0},
@@ -97,8 +98,7 @@ def cache_bytes_per_token(model: Transformer) -> int:
 
 def training_tokens_per_sec(metrics_path: Path) -> float:
     """Median training throughput over the run's logged windows (evaluation and saving excluded)."""
-    lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    return statistics.median(r["tokens_per_sec"] for r in lines if "loss" in r and r.get("tokens_per_sec"))
+    return statistics.median(r["tokens_per_sec"] for r in read_metrics(metrics_path) if "loss" in r and r.get("tokens_per_sec"))
 
 
 @functools.cache
@@ -145,8 +145,7 @@ def plot_study(rows: list[dict], run_dirs: list[Path], png_path: Path) -> None:
     fig = Figure(figsize=(11, 4), layout="constrained")
     curves, costs = fig.subplots(1, 2)
     for row, run_dir in zip(rows, run_dirs):
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        points = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and r["step"] > 0]
+        points = [(r["step"], r["val_loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r and r["step"] > 0]
         curves.plot(*zip(*points), styles.get(row["seed"], "-"), color=colours[row["variant"]], marker="o",
                     label=f"{row['variant']}, seed {row['seed']}")
         costs.scatter(row["kv_cache_bytes_per_token_bf16"], row["val_loss"], color=colours[row["variant"]])

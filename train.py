@@ -25,7 +25,7 @@ from checkpoint import load_checkpoint
 from cli import ArgumentParser, CLIError, finite_float, run
 from model_config import ATTENTION_KINDS, PRESETS, ModelConfig
 from runtime import DTYPES
-from training import TrainConfig, train
+from training import TrainConfig, saved_train_config, train
 
 CHOICES = {"attention": ATTENTION_KINDS, "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES)}
 MODEL_HELP = {  # what each ModelConfig field without a help of its own means; its default comes from the preset
@@ -83,7 +83,7 @@ def configs_from_args(argv=None) -> tuple[TrainConfig, ModelConfig, dict | None]
         if train_flags.get("resume"):
             out_dir = train_flags.setdefault("out_dir", TrainConfig.out_dir)
             start = load_checkpoint(Path(out_dir) / "ckpt.pt")
-            saved = {"optimizer": "adamw"} | start.get("train_config", {})  # saved before --optimizer existed
+            saved = saved_train_config(start)
             tc = TrainConfig(**{k: v for k, v in saved.items() if k in train_names} | train_flags)
         else:
             tc = TrainConfig(**train_flags)

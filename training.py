@@ -231,6 +231,11 @@ def starting_checkpoint(tc: TrainConfig) -> dict | None:
     return load_checkpoint(tc.init_from) if tc.init_from else None
 
 
+def saved_train_config(ckpt: dict) -> dict:
+    """The TrainConfig fields a checkpoint was trained with; one saved before --optimizer existed was AdamW's."""
+    return {"optimizer": "adamw"} | ckpt.get("train_config", {})
+
+
 def check_start(tc: TrainConfig, mc: ModelConfig, start: dict | None) -> None:
     """Refuse a run that would overwrite another, or resume what it cannot continue."""
     ckpt_path = Path(tc.out_dir) / "ckpt.pt"
@@ -242,7 +247,7 @@ def check_start(tc: TrainConfig, mc: ModelConfig, start: dict | None) -> None:
                      - start.keys())
     if missing:
         raise CLIError(f"cannot resume from {ckpt_path}: it has no {', '.join(missing)} (not written by train.py)")
-    saved_optimizer = start["train_config"].get("optimizer", "adamw")
+    saved_optimizer = saved_train_config(start)["optimizer"]
     if saved_optimizer != tc.optimizer:
         raise CLIError(f"cannot resume from {ckpt_path}: it was trained with --optimizer {saved_optimizer}, "
                        f"not {tc.optimizer}")
@@ -588,6 +593,11 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def logged_step(line: str) -> float:
     """The step of a metrics.jsonl line; infinity for a line cut short by a crash, so that it is dropped."""
     try:
@@ -605,7 +615,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
                    f"step); pip install matplotlib, then `python train.py --resume --out-dir {png_path.parent}` "
                    "draws it without training further")
         return
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    records = read_metrics(metrics_path)
     train_points = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val_points = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig = Figure(figsize=(7, 4))
