@@ -4,6 +4,7 @@ Shape letters: B batch, T new tokens, S cached + new tokens (keys), H query head
 r kv_lora_rank, dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, D model width.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -122,13 +123,25 @@ def grouped_attention(q, k, v, scale: float, mask: torch.Tensor | None, dropout_
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     q = q.reshape(B, G, group * T, E)
-    if T > 1:  # folded row (h, t) takes query t's mask; with T == 1 the mask broadcasts as it is
-        mask = mask.repeat(1, 1, group, 1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=fold_mask(mask, group), dropout_p=dropout_p, scale=scale)
     return y.reshape(B, H, T, -1)  # SDPA on CUDA may return the folded rows non-contiguous
 
 
+def fold_mask(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """The mask (B, 1, T, S) of T queries, for heads * T queries folded head-major (row h * T + t takes query t's
+    mask); with T == 1 the mask broadcasts as it is."""
+    return mask if mask.size(2) == 1 else mask.repeat(1, 1, heads, 1)
+
+
 # ---- Multi-Head Latent Attention ----------------------------------------------------------------
+
+class RowBlock(NamedTuple):
+    """One matrix inside a stacked weight: its part's name, its number of rows, and whether RoPE rotates the
+    vector it makes (its rows are then RoPE's half-split pairs (i, i + rows / 2))."""
+    part: str
+    rows: int
+    rotary: bool = False
+
 
 class MultiHeadLatentAttention(nn.Module):
     """DeepSeek-V2's MLA (arXiv 2405.04434, section 2.1), with DeepSeek's projection names.
@@ -147,8 +160,6 @@ class MultiHeadLatentAttention(nn.Module):
         # Decoding with a cache takes the absorbed path when it costs fewer FLOPs than decompressing the cache:
         # per cached position and head, absorbed costs T * 2(r + dr) multiply-adds for T new queries, and
         # decompressing costs r * (dn + dv) + T * (dn + dr + dv). So prefill decompresses, decoding absorbs.
-        # absorb = False always decompresses (the benchmark's "mla decompressed" row).
-        self.absorb = True
         self.max_absorbed_queries = self.r * (self.dn + self.dv) // max(2 * self.r + self.dr - self.dn - self.dv, 1)
         q_out = c.n_head * (self.dn + self.dr)
         if c.q_lora_rank:
@@ -165,12 +176,24 @@ class MultiHeadLatentAttention(nn.Module):
     def cache_shapes(self, batch_size: int, capacity: int) -> list[tuple[int, ...]]:
         return [(batch_size, capacity, self.r + self.dr)]
 
-    def forward(self, x, cos, sin, mask=None, cache: LayerCache | None = None, input_pos=None) -> torch.Tensor:
+    def stacked_rows(self) -> dict[str, list[RowBlock]]:
+        """The matrices stacked into one weight, by weight name within this module, each weight's row blocks in
+        order: q_b_proj (q_proj without query compression) holds every head's W_UQ then W_QR rows,
+        kv_a_proj_with_mqa W_DKV then the shared W_KR, kv_b_proj every head's W_UK then W_UV."""
+        query = "q_b_proj" if self.q_lora_rank else "q_proj"
+        per_head_query = [RowBlock("q_nope", self.dn), RowBlock("q_rope", self.dr, rotary=True)]
+        return {f"{query}.weight": per_head_query * self.n_head,
+                "kv_a_proj_with_mqa.weight": [RowBlock("c_kv", self.r), RowBlock("k_rope", self.dr, rotary=True)],
+                "kv_b_proj.weight": [RowBlock("k_nope", self.dn), RowBlock("v", self.dv)] * self.n_head}
+
+    def forward(self, x, cos, sin, mask=None, cache: LayerCache | None = None, input_pos=None,
+                absorb: bool = True) -> torch.Tensor:
         """x (B, T, D), cos/sin (B or 1, T, dr/2) for the T new positions -> (B, T, D).
 
         Without a cache: causal attention over x's own T positions, on decompressed keys and values. With one:
         [c_KV | k_rope] of the new positions is written at slots input_pos (T,), and the queries attend over the
-        whole cache under mask (B, 1, T, capacity)."""
+        whole cache under mask (B, 1, T, capacity): absorbed where that costs fewer FLOPs, unless absorb is
+        False (always decompress: the decode benchmark's reference row)."""
         B, T, _ = x.shape
         q_nope, q_rope = self.queries(x, cos, sin)
         c_kv, k_rope = self.latent_kv(x, cos, sin)
@@ -178,7 +201,7 @@ class MultiHeadLatentAttention(nn.Module):
             y = self.attend_decompressed(q_nope, q_rope, c_kv, k_rope, None)
         else:
             (latent,) = cache.write(input_pos, torch.cat((c_kv, k_rope), dim=-1))  # (B, capacity, r + dr)
-            if self.absorb and T <= self.max_absorbed_queries:
+            if absorb and T <= self.max_absorbed_queries:
                 y = self.attend_absorbed(q_nope, q_rope, latent, mask)
             else:
                 y = self.attend_decompressed(q_nope, q_rope, *latent.split([self.r, self.dr], dim=-1), mask)
@@ -230,11 +253,6 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.einsum("bhtr,hvr->bhtv", o_latent.reshape(B, H, T, self.r).to(w_uv.dtype), w_uv)
 
 
-def fold_mask(mask: torch.Tensor, heads: int) -> torch.Tensor:
-    """The mask (B, 1, T, S) of T queries, for H * T queries folded head-major (row h * T + t)."""
-    return mask if mask.size(2) == 1 else mask.repeat(1, 1, heads, 1)
-
-
 def latent_attention(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q latent^T * scale + mask) latent for one key/value head shared by every query row:
     q (B, 1, M, E), latent (B, 1, S, E), mask (B, 1, M or 1, S) -> (B, 1, M, E). The caller keeps the first r
@@ -279,10 +297,16 @@ class GroupedQueryAttention(nn.Module):
     def cache_shapes(self, batch_size: int, capacity: int) -> list[tuple[int, ...]]:
         return [(batch_size, self.n_kv, capacity, self.hd)] * 2
 
-    def forward(self, x, cos, sin, mask=None, cache: LayerCache | None = None, input_pos=None) -> torch.Tensor:
+    def stacked_rows(self) -> dict[str, list[RowBlock]]:
+        """No weight here stacks matrices that are stepped apart: each projection is one matrix to the optimiser."""
+        return {}
+
+    def forward(self, x, cos, sin, mask=None, cache: LayerCache | None = None, input_pos=None,
+                absorb: bool = True) -> torch.Tensor:
         """x (B, T, D), cos/sin (B or 1, T, hd/2) -> (B, T, D); q (B, H, T, hd) attends over k, v (B, G, S, hd):
         x's own T positions, causally, without a cache; with one, the whole cache (S = capacity) under mask
-        (B, 1, T, S), after the new positions are written at slots input_pos (T,)."""
+        (B, 1, T, S), after the new positions are written at slots input_pos (T,). absorb is MLA's; it changes
+        nothing here."""
         B, T, _ = x.shape
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2), cos, sin)

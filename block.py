@@ -16,8 +16,9 @@ class Block(nn.Module):
         self.mlp = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask=None, cache: LayerCache | None = None, input_pos=None) -> torch.Tensor:
-        """x (B, T, D), cos/sin (B or 1, T, rope_dim / 2) for the T new positions -> (B, T, D); mask, cache and
-        input_pos as the attention takes them."""
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos))
+    def forward(self, x, cos, sin, mask=None, cache: LayerCache | None = None, input_pos=None,
+                absorb: bool = True) -> torch.Tensor:
+        """x (B, T, D), cos/sin (B or 1, T, rope_dim / 2) for the T new positions -> (B, T, D); mask, cache,
+        input_pos and absorb as the attention takes them."""
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos, absorb))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))

@@ -11,7 +11,7 @@ from cli import CLIError, atomic_write
 from model import Transformer
 from model_config import ModelConfig
 
-FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 1
 
 
 def save_checkpoint(state: dict, path) -> None:
@@ -19,35 +19,45 @@ def save_checkpoint(state: dict, path) -> None:
     at path intact."""
     try:
         with atomic_write(path) as tmp:
-            torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
+            torch.save({**state, "format_version": CHECKPOINT_FORMAT_VERSION}, tmp)
     except OSError as err:
         raise CLIError(f"could not write {path}: {err.strerror or err}") from None
 
 
-def load_checkpoint(path) -> dict:
-    """Read a checkpoint onto the CPU. A missing, truncated, corrupt or foreign file, or an unknown format
-    version, raises CLIError with one line."""
+def load_checkpoint(path, mmap: bool = False) -> dict:
+    """Read a checkpoint onto the CPU (with mmap, its tensors are mapped from the file, read only when used). A
+    missing, truncated, corrupt or foreign file, or an unknown format version, raises CLIError with one line."""
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch reports truncation and corruption through many exception types
         raise CLIError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "format_version"} <= ckpt.keys():
         raise CLIError(f"{path} is not a checkpoint of this project (needs model, model_config, format_version)")
-    if ckpt["format_version"] != FORMAT_VERSION:
+    if ckpt["format_version"] != CHECKPOINT_FORMAT_VERSION:
         raise CLIError(f"checkpoint {path} has format version {ckpt['format_version']!r}; "
-                       f"this code reads version {FORMAT_VERSION}")
+                       f"this code reads version {CHECKPOINT_FORMAT_VERSION}")
     return ckpt
+
+
+def model_config_of(ckpt: dict) -> ModelConfig:
+    """The ModelConfig a loaded checkpoint describes."""
+    try:
+        return ModelConfig.from_dict(ckpt["model_config"])
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"checkpoint does not describe a valid model: {err}") from None
+
+
+def read_model_config(path) -> ModelConfig:
+    """The ModelConfig of the checkpoint at path, read without its weights."""
+    return model_config_of(load_checkpoint(path, mmap=True))
 
 
 def model_from_checkpoint(ckpt: dict) -> Transformer:
     """The Transformer a loaded checkpoint describes, with its weights, on the CPU in float32."""
-    try:
-        model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
-    except (ValueError, TypeError) as err:
-        raise CLIError(f"checkpoint does not describe a valid model: {err}") from None
+    model = Transformer(model_config_of(ckpt))
     load_weights(model, ckpt["model"], "the checkpoint's weights do not fit its model_config")
     return model
 

@@ -70,8 +70,8 @@ class ArgumentParser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see --help)")
 
 
-def number(kind, minimum=None, above=None):
-    """An argparse type: a finite int or float, at least minimum or more than above."""
+def number(kind, minimum=None, above=None, maximum=None):
+    """An argparse type: a finite int or float, at least minimum or more than above, and at most maximum."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -84,6 +84,8 @@ def number(kind, minimum=None, above=None):
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
         if above is not None and value <= above:
             raise argparse.ArgumentTypeError(f"must be more than {above}, got {text!r}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__
@@ -91,10 +93,24 @@ def number(kind, minimum=None, above=None):
 
 
 positive_int = number(int, minimum=1)
-non_negative_int = number(int, minimum=0)
 finite_float = number(float)
 positive_float = number(float, above=0)
 non_negative_float = number(float, minimum=0)
+
+
+def refuse_overwrite(directory, names, force: bool, what: str) -> None:
+    """Refuse to write the files names into directory when it is a file, when one of them is a directory, and,
+    unless force, when any of them exists already (force replaces those, and never anything else)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CLIError(f"{directory} exists and is not a directory")
+    for name in names:
+        if (directory / name).is_dir():
+            raise CLIError(f"{directory / name} is a directory")
+    existing = [name for name in names if (directory / name).exists()]
+    if existing and not force:
+        raise CLIError(f"{directory} already holds {what} ({', '.join(existing)}); pass --force to replace "
+                       f"{'it' if len(existing) == 1 else 'them'}")
 
 
 @contextmanager

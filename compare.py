@@ -3,11 +3,11 @@
     python compare.py --data-dir data/shakespeare --preset shakespeare --out-dir out/study
     python compare.py --data-dir data/tiny --preset tiny --max-iters 50 --out-dir out/study-tiny
 
-Every variant trains on the same data with the same seed, tokens, optimiser and schedule (train.py's defaults
-plus the flags given here), is evaluated on the whole val split (test.py's evaluate, on best.pt), and benchmarked
-(test.py's benchmark: decode at --bench-context, batch 1, float32). The study writes OUT/study.md (a markdown table),
-OUT/study.json and, with matplotlib, OUT/study.png (val loss against step per run; whole-val loss against cache
-size). Each run lives in OUT/<variant>-seed<seed>/ and checkpoints as it trains, so running the same command again
+Every variant (model_config.VARIANTS) trains on the same data with the same seed, tokens, optimiser and schedule
+(train.py's defaults plus the flags given here), then, on the device it trained on, is evaluated on the whole val
+split (evaluation.evaluate, on best.pt) and benchmarked (decode_benchmark: decode at --bench-context, batch 1,
+float32). The study writes OUT/study.md (a markdown table), OUT/study.json and, with matplotlib, OUT/study.png (val
+loss against step per run; whole-val loss against cache size). Each run lives in OUT/<variant>-seed<seed>/ and checkpoints as it trains, so running the same command again
 resumes where it stopped and skips what is done.
 """
 import functools
@@ -27,12 +27,12 @@ from dataset import PreparedData
 from decode_benchmark import benchmark
 from evaluation import evaluate
 from model import Transformer
-from model_config import PRESETS, ModelConfig
-from training import OPTIMIZERS, TrainConfig, read_metrics, train
+from model_config import PRESETS, VARIANTS, ModelConfig
+from optim import OPTIMIZERS
+from report import figure, markdown_table, save_figure
+from runtime import keep_freed_memory, pick_device
+from training import TrainConfig, read_metrics, train
 
-# variant -> model overrides. "mla-no-q" is MLA without query compression, as in DeepSeek-V2-Lite.
-VARIANTS = {"mla": {"attention": "mla"}, "mla-no-q": {"attention": "mla", "q_lora_rank": 0},
-            "mha": {"attention": "mha"}, "gqa": {"attention": "gqa"}}
 COLUMNS = {  # key -> (heading, format)
     "variant": ("variant", "{}"), "seed": ("seed", "{}"),
     "params_non_embedding": ("params (non-emb)", "{:,}"), "params_total": ("params (total)", "{:,}"),
@@ -51,15 +51,16 @@ def run_variant(name: str, mc: ModelConfig, tc: TrainConfig, bench_context: int)
         return json.loads(result_path.read_text())
     tc = replace(tc, resume=(run_dir / "ckpt.pt").exists())
     wall_seconds = timed_training(tc, mc, run_dir / "wall_seconds.json")
-    model = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
+    device = pick_device(tc.device)  # where it trained
+    model = model_from_checkpoint(load_checkpoint(run_dir / "best.pt")).to(device)
     data = PreparedData(tc.data_dir)
-    scores = evaluate(model, data, "val", mc.block_size, batch_size=8, device="cpu")
+    scores = evaluate(model, data, "val", mc.block_size, batch_size=8, device=device)
     row = {"variant": name, "seed": tc.seed,
            "params_non_embedding": mc.non_embedding_params(), "params_total": mc.num_params(),
            "val_loss": scores["loss"], "nats_per_char": scores["loss"] * scores["tokens"] / val_characters(data),
            "bits_per_byte": scores["bits_per_byte"], "kv_cache_bytes_per_token_bf16": cache_bytes_per_token(model),
            "train_tokens_per_sec": training_tokens_per_sec(run_dir / "metrics.jsonl"),
-           "decode_tokens_per_sec": decode_tokens_per_sec(mc, bench_context), "wall_seconds": wall_seconds,
+           "decode_tokens_per_sec": decode_tokens_per_sec(mc, bench_context, device), "wall_seconds": wall_seconds,
            "val_tokens": scores["tokens"]}
     write_json_atomic(result_path, row)
     return row
@@ -102,10 +103,10 @@ def training_tokens_per_sec(metrics_path: Path) -> float:
 
 
 @functools.cache
-def decode_tokens_per_sec(mc: ModelConfig, context: int) -> float:
-    """Absorbed-cache decode throughput (MLA) or K/V-cache decode (MHA, GQA) at one context, batch 1, of random
-    weights: measured once per model config, so every seed of a variant shows the same measurement."""
-    rows = benchmark(mc, contexts=[context], batches=[1], device="cpu", dtype=torch.float32)
+def decode_tokens_per_sec(mc: ModelConfig, context: int, device: str) -> float:
+    """Absorbed-cache decode throughput (MLA) or K/V-cache decode (MHA, GQA) at one context, batch 1, float32,
+    of random weights: measured once per model config, so every seed of a variant shows the same measurement."""
+    rows = benchmark(mc, contexts=[context], batches=[1], device=device, dtype=torch.float32)
     wanted = "mla absorbed" if mc.attention == "mla" else mc.attention
     return next(r["decode_tokens_per_s"] for r in rows if r["attention"] == wanted)
 
@@ -123,26 +124,19 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], context: int) -> str:
     headings = [heading.replace("@ctx", f"@{context}") for heading, _ in COLUMNS.values()]
-    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        cells = [fmt.format(r[k]) if not isinstance(r[k], str) else r[k] for k, (_, fmt) in COLUMNS.items()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [[r[k] if isinstance(r[k], str) else fmt.format(r[k]) for k, (_, fmt) in COLUMNS.items()] for r in rows]
+    return markdown_table(headings, cells)
 
 
 def plot_study(rows: list[dict], run_dirs: list[Path], png_path: Path) -> None:
     """Left: each run's val-loss estimates against step (its metrics.jsonl), a colour per variant and a line style
-    per seed. Right: each run's whole-val loss against its KV-cache bytes per token. Skipped, with a note, when
-    matplotlib is not installed."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
-    except ImportError:
-        print(f"note: matplotlib is not installed, so there is no {png_path}; pip install matplotlib and run the same "
-              "command again (finished runs are not retrained)")
+    per seed. Right: each run's whole-val loss against its KV-cache bytes per token."""
+    fig = figure(png_path, "val loss against step per run, and whole-val loss against cache size",
+                 "run the same command again (finished runs are not retrained)", figsize=(11, 4), layout="constrained")
+    if fig is None:
         return
     colours = {name: f"C{i}" for i, name in enumerate(VARIANTS)}
     styles = {seed: style for seed, style in zip(dict.fromkeys(r["seed"] for r in rows), ("-", "--", ":", "-."))}
-    fig = Figure(figsize=(11, 4), layout="constrained")
     curves, costs = fig.subplots(1, 2)
     for row, run_dir in zip(rows, run_dirs):
         points = [(r["step"], r["val_loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r and r["step"] > 0]
@@ -158,8 +152,7 @@ def plot_study(rows: list[dict], run_dirs: list[Path], png_path: Path) -> None:
               ylabel="whole-val loss of best.pt (nats/token)", title="quality against cache")
     costs.set_xticks(sizes, [f"{size:,}" for size in sizes], minor=False)
     costs.minorticks_off()
-    with atomic_write(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    save_figure(fig, png_path)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -217,6 +210,8 @@ def study_configs(args) -> dict[tuple[str, int], tuple[ModelConfig, TrainConfig]
 def main(argv=None):
     args = parse_args(argv)
     runs = study_configs(args)
+    if pick_device(next(iter(runs.values()))[1].device) == "cpu":
+        keep_freed_memory()  # as train.py does
     PreparedData(args.data_dir)  # fail now, not after the first run, if the data is missing
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -54,8 +54,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from cli import ArgumentParser, CLIError, atomic_write_all, run
-from model import Transformer
+from cli import ArgumentParser, CLIError, atomic_write_all, refuse_overwrite, run
+from model import RowBlock, Transformer
 from model_config import ModelConfig
 from tokenizer import EOT_ID
 
@@ -86,20 +86,19 @@ def interleave_order(dr: int) -> torch.Tensor:
     return torch.arange(dr).view(2, dr // 2).t().reshape(-1)
 
 
-def reorder_rope_rows(name: str, weight: torch.Tensor, config: ModelConfig, order: torch.Tensor) -> torch.Tensor:
-    """Reorder the RoPE output rows of the projections that make q_rope and k_rope; other weights pass through.
-
-    q_b_proj / q_proj (H * (dn + dr), in) end each head's rows with its dr RoPE rows;
-    kv_a_proj_with_mqa (r + dr, in) ends with the dr rows of the shared k_rope."""
-    module = name.rsplit(".", 2)[-2]
-    if module in ("q_b_proj", "q_proj"):
-        lead = config.qk_nope_head_dim
-    elif module == "kv_a_proj_with_mqa":
-        lead = config.kv_lora_rank
-    else:
-        return weight
-    groups = weight.view(-1, lead + order.numel(), weight.size(-1))  # (groups, lead + dr, in)
-    return torch.cat((groups[:, :lead], groups[:, lead:][:, order]), dim=1).reshape(weight.shape)
+def rope_row_order(blocks: list[RowBlock], to_interleaved: bool) -> torch.Tensor:
+    """The order of a stacked weight's rows (its row blocks, from the model's stacked_rows) that writes every
+    rotary block's half-split pairs as interleaved pairs, or with to_interleaved False reads them back; the
+    other rows stay where they are."""
+    pieces, start = [], 0
+    for block in blocks:
+        rows = torch.arange(start, start + block.rows)
+        if block.rotary:
+            order = interleave_order(block.rows)
+            rows = rows[order if to_interleaved else order.argsort()]
+        pieces.append(rows)
+        start += block.rows
+    return torch.cat(pieces)
 
 
 def hf_name(name: str) -> str:
@@ -108,24 +107,24 @@ def hf_name(name: str) -> str:
 
 def to_hf_weights(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's weights under transformers' names, RoPE rows interleaved, float32; no lm_head when tied."""
-    config = model.config
-    order = interleave_order(config.qk_rope_head_dim)
+    stacked = model.stacked_rows()
     weights = {}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_embeddings:
+        if name == "lm_head.weight" and model.config.tie_embeddings:
             continue
-        weights[hf_name(name)] = reorder_rope_rows(name, tensor, config, order).float().contiguous()
+        if name in stacked:
+            tensor = tensor[rope_row_order(stacked[name], to_interleaved=True)]
+        weights[hf_name(name)] = tensor.float().contiguous()
     return weights
 
 
 def from_hf_weights(hf_weights: dict[str, torch.Tensor], config: ModelConfig, interleaved: bool) -> dict:
     """A state dict for Transformer(config) from transformers' weights, checked name by name and shape by shape."""
     with torch.device("meta"):  # names and shapes only, no memory
-        template = Transformer(config).state_dict()
-    dr = config.qk_rope_head_dim
-    order = interleave_order(dr).argsort() if interleaved else torch.arange(dr)
+        template = Transformer(config)
+    stacked = template.stacked_rows() if interleaved else {}
     state = {}
-    for name, expected in template.items():
+    for name, expected in template.state_dict().items():
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
         tensor = hf_weights.get(hf_name(name))
@@ -134,10 +133,12 @@ def from_hf_weights(hf_weights: dict[str, torch.Tensor], config: ModelConfig, in
         if tensor.shape != expected.shape:
             raise CLIError(f"{hf_name(name)} has shape {tuple(tensor.shape)}; "
                            f"config.json implies {tuple(expected.shape)}")
-        state[name] = reorder_rope_rows(name, tensor.float(), config, order).contiguous()
+        if name in stacked:
+            tensor = tensor[rope_row_order(stacked[name], to_interleaved=False)]
+        state[name] = tensor.float().contiguous()
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    unexpected = sorted(set(hf_weights) - {hf_name(name) for name in template})
+    unexpected = sorted(set(hf_weights) - {hf_name(name) for name in template.state_dict()})
     if unexpected:
         raise CLIError(f"unexpected weights for a dense DeepSeek-V3 model: {', '.join(unexpected[:3])}"
                        f"{' ...' if len(unexpected) > 3 else ''}")
@@ -281,13 +282,13 @@ def read_json(path: Path) -> dict:
 
 # ---- the two directions -------------------------------------------------------------------------
 
-OUTPUTS = ("model.safetensors", "config.json")  # what export writes, config.json last
+EXPORT_FILES = ("model.safetensors", "config.json")  # what export writes, config.json last
 
 
 def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> None:
     """Project checkpoint -> out_dir/{model.safetensors, config.json}. Other files in out_dir are left alone."""
     out_dir = Path(out_dir)
-    refuse_overwrite(out_dir, OUTPUTS, force)
+    refuse_overwrite(out_dir, EXPORT_FILES, force, "an export")
     model = model_from_checkpoint(load_checkpoint(ckpt_path))
     if model.config.attention != "mla":
         raise CLIError(f"{ckpt_path} has {model.config.attention} attention; "
@@ -298,7 +299,7 @@ def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> None:
     st = safetensors_torch()
     weights, hf_config = to_hf_weights(model), to_hf_config(model.config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write_all([out_dir / name for name in OUTPUTS]) as (weights_tmp, config_tmp):
+    with atomic_write_all([out_dir / name for name in EXPORT_FILES]) as (weights_tmp, config_tmp):
         st.save_file(weights, weights_tmp, metadata={"format": "pt"})
         config_tmp.write_text(json.dumps(hf_config, indent=2) + "\n")
         (out_dir / "config.json").unlink(missing_ok=True)  # both written: never new weights beside an old config
@@ -307,26 +308,13 @@ def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> None:
 def import_checkpoint(hf_dir, out_path, force: bool = False) -> None:
     """A DeepSeek-V3 directory -> a project checkpoint {"model", "model_config"} at out_path."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
-    refuse_overwrite(out_path.parent, [out_path.name], force)
+    refuse_overwrite(out_path.parent, [out_path.name], force, "a checkpoint")
     if not hf_dir.is_dir():
         raise CLIError(f"{hf_dir} is not a directory")
     config, interleaved = from_hf_config(read_json(hf_dir / "config.json"))
     state = from_hf_weights(load_hf_weights(hf_dir), config, interleaved)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"model": state, "model_config": config.to_dict()}, out_path)
-
-
-def refuse_overwrite(directory: Path, names, force: bool) -> None:
-    """Refuse a directory path that is a file, output paths that are directories, and, without force, outputs
-    that exist already (force replaces them, and only them)."""
-    if directory.exists() and not directory.is_dir():
-        raise CLIError(f"{directory} exists and is not a directory")
-    for name in names:
-        if (directory / name).is_dir():
-            raise CLIError(f"{directory / name} is a directory")
-    existing = [name for name in names if (directory / name).exists()]
-    if existing and not force:
-        raise CLIError(f"{directory / existing[0]} already exists; pass --force to replace it")
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
-"""Tokenize text with GPT-2's BPE into flat uint16 token files for training, and read them back.
+"""Tokenize text with GPT-2's BPE into flat uint16 token files for training: the command line of corpus.py.
 
   python data_prepare.py --input PATH [PATH ...] --out-dir DIR [--val-fraction 0.1] [--seed S] [--workers N] [--force]
-  python data_prepare.py   # downloads Tiny Shakespeare to data/shakespeare/input.txt and prepares it there
+  python data_prepare.py   # downloads Tiny Shakespeare to data/shakespeare/input.txt (or OUT/input.txt) and prepares it
 
 Inputs: a .txt file is one document; a directory stands for every .txt below it, sorted; a .jsonl file holds
 one document per line in its "text" field (blank lines are skipped); .txt.gz and .jsonl.gz are read as they
@@ -16,391 +16,45 @@ replaced: altered text would break the exact round trip and the bits-per-byte ac
 file) are rejected the same way.
 
 Output in DIR: train.bin and val.bin (uint16 token ids, readable with np.memmap) and meta.json (tokenizer,
-token counts and UTF-8 text bytes per split, source files with sizes and sha256, split settings). All three
-are written to temporary files and renamed on success; a failure or Ctrl-C leaves nothing behind, and an
-already prepared DIR is replaced only with --force.
+token counts and UTF-8 text bytes per split, source files with sizes and sha256, split settings), read by
+dataset.PreparedData. All three are written to temporary files and renamed on success; a failure or Ctrl-C
+leaves nothing behind, and an already prepared DIR is replaced only with --force.
 """
-import array
-import codecs
-import collections
-import contextlib
-import gzip
-import hashlib
-import itertools
-import json
 import os
-import re
-import urllib.request
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 import cli
+import corpus
 import tokenizer
-from dataset import FORMAT_VERSION, SPLITS
-
-assert tokenizer.VOCAB_SIZE <= 1 << 16, "token ids must fit uint16"
-
-OUTPUTS = ("train.bin", "val.bin", "meta.json")  # in the order they are renamed into place
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE_DIR = Path("data/shakespeare")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-INPUT_SUFFIXES = (".txt", ".txt.gz", *JSONL_SUFFIXES)
-CHUNK_BYTES = 1 << 20  # text read and encoded per piece
-COPY_TOKENS = 1 << 22  # tokens copied per step when splitting
-
-# The end of the last non-whitespace character that is followed by a space or newline: see _safe_pieces.
-_LAST_CUT = re.compile(r".*\S(?=[ \n])", re.DOTALL)
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def main(argv=None):
     """Prepare --input (or Tiny Shakespeare) into --out-dir."""
-    args = _parse_args(argv)
+    args = parse_args(argv)
     if not 0 < args.val_fraction < 1:
         raise cli.CLIError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if args.input and not args.out_dir:
         raise cli.CLIError("--out-dir is required with --input")
-    out_dir = Path(args.out_dir or SHAKESPEARE_DIR)
-    _refuse_overwrite(out_dir, args.force)
-    files = _expand_inputs(args.input or [_fetch_shakespeare(SHAKESPEARE_DIR / "input.txt")])
+    out_dir = Path(args.out_dir or corpus.SHAKESPEARE_DIR)
+    cli.refuse_overwrite(out_dir, corpus.DATA_FILES, args.force, "prepared data")
+    files = corpus.expand_inputs(args.input) if args.input else [corpus.fetch_shakespeare(out_dir / "input.txt")]
     tok = tokenizer.Tokenizer(args.tokenizer_file)
-    meta = prepare(files, out_dir, tok, args.val_fraction, args.seed, args.workers)
-    counts = ", ".join(f"{split} {meta['splits'][split]['tokens']:,} tokens" for split in SPLITS)
-    print(f"{out_dir}: {counts}, documents {meta['documents']:,}")
+    meta = corpus.prepare(files, out_dir, tok, args.val_fraction, args.seed, args.workers)
+    print(f"{out_dir}: {corpus.summary(meta)}")
 
 
-def _parse_args(argv):
+def parse_args(argv):
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--input", nargs="+", metavar="PATH", help=f"{', '.join(INPUT_SUFFIXES)} files or directories "
+    parser.add_argument("--input", nargs="+", metavar="PATH", help=f"{', '.join(corpus.INPUT_SUFFIXES)} files or directories "
                         "(default: download Tiny Shakespeare)")
-    parser.add_argument("--out-dir", metavar="DIR", help=f"output directory (without --input: {SHAKESPEARE_DIR})")
-    parser.add_argument("--val-fraction", type=cli.finite_float, default=0.1, help="share of tokens for val")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
+    parser.add_argument("--out-dir", metavar="DIR", help=f"output directory (without --input: {corpus.SHAKESPEARE_DIR})")
+    parser.add_argument("--val-fraction", type=cli.finite_float, default=corpus.VAL_FRACTION, help="share of tokens for val")
+    parser.add_argument("--seed", type=int, default=corpus.SPLIT_SEED, help="seed of the document shuffle")
     parser.add_argument("--workers", type=cli.positive_int, default=os.cpu_count() or 1, help="encoding threads")
     parser.add_argument("--force", action="store_true", help="replace an already prepared --out-dir's three files "
                         "(nothing else in it)")
     tokenizer.add_argument(parser)
     return parser.parse_args(argv)
-
-
-def _refuse_overwrite(out_dir: Path, force: bool):
-    if out_dir.exists() and not out_dir.is_dir():
-        raise cli.CLIError(f"{out_dir}: exists and is not a directory")
-    existing = [name for name in OUTPUTS if (out_dir / name).exists()]
-    if existing and not force:
-        raise cli.CLIError(f"{out_dir} already holds prepared data ({', '.join(existing)}); --force replaces it")
-
-
-def _fetch_shakespeare(path: Path) -> Path:
-    """Download Tiny Shakespeare to path, unless it is there already."""
-    if not path.exists():
-        try:
-            with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as response:
-                data = response.read()
-        except OSError as err:
-            raise cli.CLIError(f"cannot download Tiny Shakespeare ({err}); fetch {SHAKESPEARE_URL} yourself and "
-                               f"run: python data_prepare.py --input PATH --out-dir {path.parent}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with cli.atomic_write(path) as temp:
-            temp.write_bytes(data)
-    return path
-
-
-def _expand_inputs(paths) -> list[Path]:
-    """The input files: directories replaced by the .txt files below them, sorted."""
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
-            if not found:
-                raise cli.CLIError(f"{path}: directory holds no .txt file")
-            files += found
-        elif not path.exists():
-            raise cli.CLIError(f"{path}: no such file or directory")
-        elif not path.name.endswith(INPUT_SUFFIXES):
-            raise cli.CLIError(f"{path}: unsupported file type (use {', '.join(INPUT_SUFFIXES)} or a directory)")
-        else:
-            files.append(path)
-    return files
-
-
-def prepare(files: list[Path], out_dir: Path, tok: tokenizer.Tokenizer, val_fraction: float, seed: int,
-            workers: int) -> dict:
-    """Tokenize files into out_dir/train.bin, val.bin and meta.json; returns the meta. Leaves nothing on failure.
-
-    Memory stays bounded whatever the corpus size: files are read CHUNK_BYTES at a time, and all documents'
-    tokens stream into one temporary file; only each document's token count stays in memory (a few int64s per
-    document). Once every count is known, the split is decided (exact token shares, documents kept whole) and
-    carried out by copying ranges of that file into the split files; see _write_splits.
-    """
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stream = out_dir / ".tokens.tmp"
-    try:
-        with cli.atomic_write_all([out_dir / name for name in OUTPUTS]) as temps:
-            temps = dict(zip(OUTPUTS, temps))
-            digests = [hashlib.sha256() for _ in files]
-            doc_tokens, text_bytes = _encode_documents(files, digests, stream, tok, workers)
-            ranges = _split_ranges(doc_tokens, val_fraction, seed)
-            split_files = {split: temps[f"{split}.bin"] for split in SPLITS}
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "tokenizer": tokenizer.NAME,
-                "vocab_size": tokenizer.VOCAB_SIZE,
-                "eot_id": tokenizer.EOT_ID,
-                "dtype": "uint16",
-                "documents": len(doc_tokens),
-                "splits": _write_splits(stream, split_files, ranges, text_bytes, tok),
-                "split": {"val_fraction": val_fraction, "seed": seed},
-                "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": digest.hexdigest()}
-                            for p, digest in zip(files, digests)],
-            }
-            temps["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
-            (out_dir / "meta.json").unlink(missing_ok=True)  # never new .bin files beside an old meta.json
-        return meta
-    finally:
-        stream.unlink(missing_ok=True)
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-
-
-def _encode_documents(files, digests, stream_path: Path, tok, workers: int) -> tuple[np.ndarray, int]:
-    """Tokenize every document into stream_path, each followed by the eot id; hash each file into its digest.
-
-    Returns the documents' token counts and the UTF-8 bytes of all their text.
-    """
-    total_bytes = sum(path.stat().st_size for path in files)
-    progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None)
-    text_bytes = 0
-    with open(stream_path, "wb") as f, progress:
-        stream = _DocumentStream(f)
-        for ids, piece_bytes, doc_end in _encode_pieces(_pieces(files, digests, progress), tok, workers):
-            stream.write(ids, doc_end)
-            text_bytes += piece_bytes
-    if not stream.doc_tokens:
-        raise cli.CLIError("the inputs hold no text")
-    return np.frombuffer(stream.doc_tokens, dtype=np.int64), text_bytes
-
-
-class _DocumentStream:
-    """Appends documents' tokens to a file, each document followed by the eot id; counts each one's tokens."""
-
-    _EOT = np.array([tokenizer.EOT_ID], dtype=np.uint16)
-
-    def __init__(self, file):
-        self.file = file
-        self.doc_tokens = array.array("q")
-        self._written = 0  # tokens so far of the document being written
-
-    def write(self, ids: np.ndarray, doc_end: bool):
-        self.file.write(ids.astype(np.uint16))
-        self._written += len(ids)
-        if doc_end and self._written:
-            self.file.write(self._EOT)
-            self.doc_tokens.append(self._written + 1)
-            self._written = 0
-
-
-def _encode_pieces(pieces, tok, workers: int):
-    """(token ids, UTF-8 bytes, doc_end) of each (text, doc_end) piece, in order, encoded on worker threads.
-
-    At most 2 * workers pieces are queued or being encoded at a time, which bounds memory; the calling thread
-    reads, decodes and writes meanwhile.
-    """
-    with ThreadPoolExecutor(workers) as pool:
-        in_flight = collections.deque()
-        for text, doc_end in pieces:
-            in_flight.append((pool.submit(_encode, tok, text), doc_end))
-            if len(in_flight) == 2 * workers:
-                future, end = in_flight.popleft()
-                yield *future.result(), end
-        for future, end in in_flight:
-            yield *future.result(), end
-
-
-def _encode(tok, text: str) -> tuple[np.ndarray, int]:
-    """text's token ids and its UTF-8 bytes."""
-    return tok.encode_to_numpy(text), len(text.encode())
-
-
-def _pieces(files, digests, progress):
-    """(text, doc_end) pieces of about CHUNK_BYTES of every document in order; doc_end marks a document's last."""
-    for path, digest in zip(files, digests):
-        blocks = _read_blocks(path, digest, progress)
-        if path.name.endswith(JSONL_SUFFIXES):
-            for text in _jsonl_texts(path, blocks):
-                yield from _safe_pieces(text[i : i + CHUNK_BYTES] for i in range(0, len(text), CHUNK_BYTES))
-        else:
-            yield from _safe_pieces(_decode_utf8(path, blocks))
-
-
-def _safe_pieces(blocks):
-    """Re-cut one document's text blocks into (text, doc_end) pieces that encode exactly as the whole text does.
-
-    Each cut falls between a non-whitespace character and a space or newline. GPT-2's split pattern never puts
-    both in one pre-token (a pre-token is all whitespace, or an optional leading space and then no whitespace),
-    has no look-behind, and its look-aheads ((?!\\S) and $) see only characters on the same side of such a cut.
-    So each side splits into the same pre-tokens alone as inside the whole text, and BPE, which merges within
-    pre-tokens only, gives the same tokens. (Python's \\S excludes all of Unicode's White_Space, which is
-    tiktoken's \\s.) Text with no such place, such as a long run of whitespace, waits whole for the next one.
-    """
-    pending = ""
-    for block in blocks:
-        cut = _LAST_CUT.match(pending)
-        if cut:
-            yield pending[: cut.end()], False
-            pending = pending[cut.end() :]
-        pending += block
-    yield pending, True
-
-
-def _read_blocks(path: Path, digest, progress):
-    """The file's bytes, decompressed if .gz, in CHUNK_BYTES blocks. Rejects NUL. The bytes as on disk go to
-    digest (one read serves hashing and tokenizing) and their count to progress."""
-    offset = 0
-    with open(path, "rb") as file:
-        disk = _HashingReader(file, digest, progress)
-        with gzip.open(disk) if path.suffix == ".gz" else contextlib.nullcontext(disk) as stream:
-            try:
-                while block := stream.read(CHUNK_BYTES):
-                    if (nul := block.find(b"\0")) >= 0:
-                        raise cli.CLIError(f"{path}: NUL at byte {offset + nul}: a binary file, not text")
-                    yield block
-                    offset += len(block)
-            except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-                raise cli.CLIError(f"{path}: corrupt gzip data ({err})") from None
-
-
-class _HashingReader:
-    """A binary file whose read() also feeds what it returns to a hash and counts its bytes in a progress bar."""
-
-    def __init__(self, file, digest, progress):
-        self.file, self.digest, self.progress = file, digest, progress
-
-    def read(self, size=-1) -> bytes:
-        data = self.file.read(size)
-        self.digest.update(data)
-        self.progress.update(len(data))
-        return data
-
-
-def _decode_utf8(path: Path, blocks):
-    """Text of UTF-8 byte blocks (a character may straddle two). Invalid UTF-8 is an error naming its offset."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    for block in itertools.chain(blocks, [b""]):  # the empty block flushes the decoder
-        try:
-            text = decoder.decode(block, final=not block)
-        except UnicodeDecodeError as err:
-            held_back = len(err.object) - len(block)  # bytes of an unfinished character from earlier blocks
-            raise cli.CLIError(f"{path}: invalid UTF-8 at byte {offset - held_back + err.start}") from None
-        offset += len(block)
-        yield text
-
-
-def _jsonl_texts(path: Path, blocks):
-    """The "text" field of every non-blank line."""
-    for line_number, (offset, line) in enumerate(_lines(blocks), start=1):
-        if line.strip():
-            yield _jsonl_text(f"{path}:{line_number}", offset, line)
-
-
-def _lines(blocks):
-    """(byte offset, line without its newline) for every line of byte blocks."""
-    pending, offset = b"", 0
-    for block in blocks:
-        *lines, pending = (pending + block).split(b"\n")
-        for line in lines:
-            yield offset, line
-            offset += len(line) + 1
-    if pending:
-        yield offset, pending
-
-
-def _jsonl_text(where: str, offset: int, line: bytes) -> str:
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise cli.CLIError(f"{where}: invalid UTF-8 at byte {offset + err.start}") from None
-    except json.JSONDecodeError as err:
-        raise cli.CLIError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-    text = record.get("text") if isinstance(record, dict) else None
-    if not isinstance(text, str):
-        raise cli.CLIError(f'{where}: no "text" string field')
-    if _SURROGATE.search(text):
-        raise cli.CLIError(f"{where}: text holds an unpaired surrogate escape (\\ud800-\\udfff): not Unicode")
-    return text
-
-
-def _split_ranges(doc_tokens: np.ndarray, val_fraction: float, seed: int) -> dict:
-    """For each split, the (starts, ends) arrays of the token ranges of the stream it gets."""
-    ends = np.cumsum(doc_tokens)
-    starts = ends - doc_tokens
-    if len(doc_tokens) == 1:
-        text_tokens = int(doc_tokens[0]) - 1  # the separator goes with the last tokens, to val
-        val_tokens = int(text_tokens * val_fraction)
-        if val_tokens == 0:
-            raise cli.CLIError(f"{text_tokens} tokens are too few to split with --val-fraction {val_fraction}")
-        cut = np.array([text_tokens - val_tokens])
-        return {"train": (starts, cut), "val": (cut, ends)}
-    order = np.random.default_rng(seed).permutation(len(doc_tokens))
-    val_docs = int(np.searchsorted(np.cumsum(doc_tokens[order]), val_fraction * ends[-1])) + 1
-    in_val = np.zeros(len(doc_tokens), dtype=bool)
-    in_val[order[: min(val_docs, len(doc_tokens) - 1)]] = True
-    return {"train": (starts[~in_val], ends[~in_val]), "val": (starts[in_val], ends[in_val])}
-
-
-def _write_splits(stream_path: Path, split_paths: dict, ranges: dict, text_bytes: int, tok) -> dict:
-    """Write each split's token ranges of the token stream into its file; returns each split's counts.
-
-    Val's ranges are copied out, summing their tokens' UTF-8 bytes. If train's one range is the start of the
-    stream (always so for one document), the stream itself, cut to that length, becomes train's file, and its
-    text bytes are the rest of text_bytes (all the text's): the same sum, as tokens carry whole bytes, even when
-    the cut falls among one character's bytes. Otherwise train's ranges are copied too.
-    """
-    byte_lengths = _token_byte_lengths(tok)
-    tokens = {split: int((ends - starts).sum()) for split, (starts, ends) in ranges.items()}
-    train_starts, _ = ranges["train"]
-    in_place = len(train_starts) == 1 and train_starts[0] == 0
-    to_copy = ["val"] if in_place else ["val", "train"]
-    progress = tqdm(total=sum(tokens[split] for split in to_copy), unit="tok", unit_scale=True, desc="splitting",
-                    disable=None)
-    with open(stream_path, "rb") as stream, progress:
-        split_bytes = {split: _copy_ranges(stream, *ranges[split], split_paths[split], byte_lengths, progress)
-                       for split in to_copy}
-    if in_place:
-        os.truncate(stream_path, 2 * tokens["train"])
-        os.replace(stream_path, split_paths["train"])
-        split_bytes["train"] = text_bytes - split_bytes["val"]
-    return {split: {"tokens": tokens[split], "text_bytes": split_bytes[split]} for split in SPLITS}
-
-
-def _copy_ranges(stream, starts, ends, path: Path, byte_lengths, progress) -> int:
-    """Copy the token ranges [starts, ends) of stream to a new file at path; returns their text's UTF-8 bytes.
-
-    Plain reads rather than a memory map, whose pages would count towards the process's memory.
-    """
-    text_bytes = 0
-    with open(path, "wb") as out:
-        for start, end in zip(starts, ends):
-            stream.seek(2 * int(start))
-            for low in range(start, end, COPY_TOKENS):
-                tokens = np.frombuffer(stream.read(2 * min(COPY_TOKENS, end - low)), dtype=np.uint16)
-                out.write(tokens)
-                text_bytes += int(byte_lengths[tokens].sum())
-                progress.update(len(tokens))
-    return text_bytes
-
-
-def _token_byte_lengths(tok) -> np.ndarray:
-    """UTF-8 bytes of text each token id stands for; 0 for the separator."""
-    lengths = np.array([len(tok.decode_bytes([i])) for i in range(tokenizer.VOCAB_SIZE)])
-    lengths[tokenizer.EOT_ID] = 0
-    return lengths
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import numpy as np
 
 import cli
 
-FORMAT_VERSION = 1
+DATA_FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 
 
@@ -83,8 +83,8 @@ def _read_meta(path: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise cli.CLIError(f"{path}: not valid JSON ({err})") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != FORMAT_VERSION:
-        raise cli.CLIError(f"{path}: unknown format_version {version!r} (this code reads {FORMAT_VERSION})")
+    if version != DATA_FORMAT_VERSION:
+        raise cli.CLIError(f"{path}: unknown format_version {version!r} (this code reads {DATA_FORMAT_VERSION})")
     try:
         dtype = meta["dtype"]
         counts = [meta["vocab_size"], meta["eot_id"]]

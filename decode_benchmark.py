@@ -19,32 +19,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from attention import MultiHeadLatentAttention
-from cli import CLIError, atomic_write
-from model import Cache, Transformer, compile_decode_step
-from model_config import ModelConfig
+from cli import CLIError
+from model import Transformer, compile_decode_step
+from model_config import VARIANTS, ModelConfig
+from report import figure, save_figure, table_row
 from runtime import synchronize
 
-# name -> (attention kind, MLA's absorb flag). Both MLA variants share one model and one cache.
-VARIANTS = {"mla absorbed": ("mla", True), "mla decompressed": ("mla", False), "mha": ("mha", True),
-            "gqa": ("gqa", True)}
-CAPACITY_VARIANTS = ("mla absorbed", "mha", "gqa")  # one per attention kind: MLA decodes absorbed
+# Each row of the study: name -> (the model variant, whether MLA decodes by weight absorption). Both MLA rows
+# share one model and one cache.
+CONTENDERS = {"mla absorbed": ("mla", True), "mla decompressed": ("mla", False), "mha": ("mha", True),
+              "gqa": ("gqa", True)}
+CAPACITY_CONTENDERS = ("mla absorbed", "mha", "gqa")  # one per attention kind: MLA decodes absorbed
 # Left free beyond the caches and a step's temporaries, for activations and allocator slack, and on a shared
 # machine for other processes' growth: with 1 GiB, a run beside other jobs on a 24 GiB machine was OOM-killed.
 MEMORY_MARGIN = 3 * 2**30
 PROBE_BYTES = 2**30  # the bandwidth probe sums this much float32, far more than any CPU cache holds
-
-
-def decode_step(model: Transformer, token: torch.Tensor, cache: Cache, position: int) -> torch.Tensor:
-    """One cached decode step of token (B, 1) at slot `position` (slots 0..position-1 hold the context)."""
-    return model.decode_step(token, cache, torch.tensor([position], device=token.device))
-
-
-def set_absorb(model: Transformer, absorb: bool):
-    """Decode MLA over its latent cache (True) or decompress the cache every step (False); no-op for MHA/GQA."""
-    for module in model.modules():
-        if isinstance(module, MultiHeadLatentAttention):
-            module.absorb = absorb
 
 
 # ---- what a step must read and compute ----------------------------------------------------------
@@ -131,10 +120,10 @@ class DecodeBench:
                  compile: bool = False):
         self.device, self.dtype, self.steps = torch.device(device), dtype, steps
         self.element_size = torch.empty(0, dtype=dtype).element_size()
-        self.configs = {kind: replace(config, attention=kind, block_size=max_context, dropout=0.0)
-                        for kind, _ in VARIANTS.values()}
-        self.models = {kind: self.build(c) for kind, c in self.configs.items()}
-        self.step_functions = {kind: self.step_function(model, compile) for kind, model in self.models.items()}
+        self.configs = {variant: replace(config, **VARIANTS[variant], block_size=max_context, dropout=0.0)
+                        for variant, _ in CONTENDERS.values()}
+        self.models = {variant: self.build(c) for variant, c in self.configs.items()}
+        self.step_functions = {variant: self.step_function(model, compile) for variant, model in self.models.items()}
         # Untimed rounds before each row's timed ones; CUDA graphs (reduce-overhead) are recorded on the third call.
         self.warmup = 3 if compile else 1
         self.probe = torch.ones(PROBE_BYTES // 4, device=self.device)
@@ -144,15 +133,14 @@ class DecodeBench:
         return Transformer(config).to(device=self.device, dtype=self.dtype).eval()
 
     def step_function(self, model: Transformer, compile: bool) -> Callable:
-        """decode_step on model, with the model's decode step compiled and run once (untimed) when compile is set."""
-        def step(token, cache, position):
-            return decode_step(model, token, cache, position)
+        """model.decode_step, or with compile its compiled form, run once (untimed) so that it is captured."""
         if not compile:
-            return step
+            return model.decode_step
         try:
-            compile_decode_step(model)
+            step = compile_decode_step(model)
             with torch.no_grad():
-                step(torch.zeros(1, 1, dtype=torch.long, device=self.device), model.make_cache(1, 2), 1)
+                step(torch.zeros(1, 1, dtype=torch.long, device=self.device), model.make_cache(1, 2),
+                     torch.tensor([1], device=self.device))
         except Exception as err:  # any compiler failure: say what it was, in one line
             raise CLIError(f"--compile failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}") from None
         return step
@@ -161,28 +149,28 @@ class DecodeBench:
         """The rows of every variant at each batch and context, one list per (batch, context) as it is measured."""
         for batch in batches:
             for context in contexts:
-                yield with_ratio_to_mha(self.measure([(name, batch) for name in VARIANTS], context))
+                yield with_ratio_to_mha(self.measure([(name, batch) for name in CONTENDERS], context))
 
     def capacity(self, context: int, budget_bytes: int) -> list[dict]:
         """Per attention kind, the largest batch whose cache of context positions fits in budget_bytes, and its
-        aggregate decode speed at that batch (rows in CAPACITY_VARIANTS' order; batch 0 if one sequence is over).
-        The kinds are timed one after another, so that memory holds one budget's cache at a time."""
+        aggregate decode speed at that batch (rows in CAPACITY_CONTENDERS' order; batch 0 if one sequence is
+        over). The kinds are timed one after another, so that memory holds one budget's cache at a time."""
         rows = []
-        for name in CAPACITY_VARIANTS:
+        for name in CAPACITY_CONTENDERS:
             batch = budget_bytes // self.cache_bytes(name, 1, context)
             rows += self.measure([(name, batch)], context) if batch else [
                 self.refused(name, 0, context, self.cache_bytes(name, 1, context))]
         return [{**row, "budget_bytes": budget_bytes} for row in with_ratio_to_mha(rows)]
 
     def cache_bytes(self, name: str, batch: int, context: int) -> int:
-        return cache_bytes(self.configs[VARIANTS[name][0]], batch, context, self.element_size)
+        return cache_bytes(self.configs[CONTENDERS[name][0]], batch, context, self.element_size)
 
     def working_bytes(self, name: str, batch: int, context: int) -> int:
-        kind, absorb = VARIANTS[name]
-        return working_bytes(self.configs[kind], batch, context, self.element_size, absorb)
+        variant, absorb = CONTENDERS[name]
+        return working_bytes(self.configs[variant], batch, context, self.element_size, absorb)
 
     def measure(self, plan: list[tuple[str, int]], context: int) -> list[dict]:
-        """Time decode steps of plan's (variant, batch) pairs at context, interleaved: every round takes one step
+        """Time decode steps of plan's (contender, batch) pairs at context, interleaved: every round takes one step
         of each pair in turn, then one bandwidth probe, so that a change in machine load touches all alike. A
         pair whose cache does not fit in memory is not run. -> one row per pair, in plan's order."""
         caches, needs = self.allocate(plan, context)
@@ -193,9 +181,9 @@ class DecodeBench:
         rounds = range(self.warmup + self.steps) if admitted else range(0)
         for i in tqdm(rounds, desc=f"context {context}", leave=False, delay=2):
             for name, batch in admitted:
-                kind, absorb = VARIANTS[name]
-                set_absorb(self.models[kind], absorb)
-                elapsed = timed(self.step_functions[kind], tokens[batch], caches[kind, batch], context - 1)
+                variant, absorb = CONTENDERS[name]
+                elapsed = timed(self.step_functions[variant], tokens[batch], caches[variant, batch], context - 1,
+                                absorb)
                 if i >= self.warmup:
                     seconds[name, batch].append(elapsed)
             if i >= self.warmup:
@@ -208,27 +196,27 @@ class DecodeBench:
     def allocate(self, plan: list[tuple[str, int]], context: int) -> tuple[dict, dict]:
         """Caches filled with random values for the pairs of plan that fit in memory, smallest first: each
         must fit with the largest temporaries of any step run beside it, and a margin.
-        -> (kind, batch) -> cache, and (variant, batch) -> bytes needed for each pair that does not fit."""
+        -> (variant, batch) -> cache, and (contender, batch) -> bytes needed for each pair that does not fit."""
         caches, needs, temporaries = {}, {}, 0
         for name, batch in sorted(plan, key=lambda p: self.cache_bytes(*p, context) + self.working_bytes(*p, context)):
-            kind = VARIANTS[name][0]
-            new = 0 if (kind, batch) in caches else self.cache_bytes(name, batch, context)
+            variant = CONTENDERS[name][0]
+            new = 0 if (variant, batch) in caches else self.cache_bytes(name, batch, context)
             work = self.working_bytes(name, batch, context)
             available = available_memory(self.device)
             if available is not None and new + max(temporaries, work) + MEMORY_MARGIN > available:
                 needs[name, batch] = self.cache_bytes(name, batch, context) + work
                 continue
             temporaries = max(temporaries, work)
-            if (kind, batch) not in caches:
-                caches[kind, batch] = self.models[kind].make_cache(batch, context)
-                for layer in caches[kind, batch].layers:
+            if (variant, batch) not in caches:
+                caches[variant, batch] = self.models[variant].make_cache(batch, context)
+                for layer in caches[variant, batch].layers:
                     for tensor in layer.tensors:
                         tensor.normal_()
         return caches, needs
 
     def row(self, name: str, batch: int, context: int, seconds: list[float], bandwidths: list[float]) -> dict:
-        kind, absorb = VARIANTS[name]
-        config, median = self.configs[kind], statistics.median(seconds)
+        variant, absorb = CONTENDERS[name]
+        config, median = self.configs[variant], statistics.median(seconds)
         nbytes = step_bytes(config, batch, context, self.element_size)
         flops = step_flops(config, batch, context, absorb)
         machine = statistics.median(bandwidths)
@@ -252,11 +240,11 @@ def with_ratio_to_mha(rows: list[dict]) -> list[dict]:
 
 
 @torch.no_grad()
-def timed(step: Callable, token: torch.Tensor, cache, position: int) -> float:
-    """Seconds for one decode step, waiting for the GPU to finish."""
+def timed(step: Callable, token: torch.Tensor, cache, position: int, absorb: bool) -> float:
+    """Seconds for one decode step (a decode_step) of token (B, 1) at slot position, waiting for the GPU."""
     synchronize(token.device)
     begin = time.perf_counter()
-    step(token, cache, position)
+    step(token, cache, torch.tensor([position], device=token.device), absorb=absorb)
     synchronize(token.device)
     return time.perf_counter() - begin
 
@@ -302,32 +290,26 @@ CAPACITY_COLUMNS = columns("attention", "context", "largest batch", "cache GiB",
                            "ms/step", "ms/step min–max", "% of machine GB/s", "tok/s ÷ MHA")
 
 
-def table_header(columns) -> str:
-    return "| " + " | ".join(heading for heading, _ in columns) + " |\n|---|" + "--:|" * (len(columns) - 1)
-
-
 def table_line(row: dict, columns) -> str:
+    """A row of the table: its cells, or for a row that did not fit its first three cells and what it needs."""
     if row["fits"]:
         cells = [cell(row) for _, cell in columns]
     else:
         cells = [cell(row) for _, cell in columns[:3]] + [f"does not fit (needs {row['needs_bytes'] / 2**30:,.1f} GiB)"]
         cells += [""] * (len(columns) - len(cells))
-    return "| " + " | ".join(cells) + " |"
+    return table_row(cells)
 
 
-def plot(rows: list[dict], path) -> str | None:
-    """Draw decode tok/s against context (log2 axis), one line per variant and batch, into the PNG at path
-    (written atomically). -> None, or a note saying what it would draw when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return (f"note: {path} not drawn: decode tok/s against context for each variant and batch needs "
-                f"matplotlib (pip install matplotlib)")
+def plot(rows: list[dict], path: Path, then: str) -> None:
+    """Draw decode tok/s against context (log2 axis), one line per contender and batch, into the PNG at path
+    (then: how to draw it later, for the note shown when matplotlib is missing)."""
+    fig = figure(path, "decode tok/s against context for each contender and batch", then, figsize=(8, 5),
+                 layout="constrained")
+    if fig is None:
+        return
+    ax = fig.subplots()
     batches = sorted({r["batch"] for r in rows})
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for color, name in zip(("C0", "C1", "C2", "C3"), VARIANTS):
+    for color, name in zip(("C0", "C1", "C2", "C3"), CONTENDERS):
         for style, batch in zip(itertools.cycle(("-", "--", ":", "-.")), batches):
             points = [(r["context"], r["decode_tokens_per_s"]) for r in rows
                       if r["attention"] == name and r["batch"] == batch and r["fits"]]
@@ -335,12 +317,7 @@ def plot(rows: list[dict], path) -> str | None:
                 ax.plot(*zip(*points), color=color, linestyle=style, marker="o", label=f"{name}, batch {batch}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("decode tokens/s (all sequences of the batch)")
+    ax.set(xlabel="context (tokens)", ylabel="decode tokens/s (all sequences of the batch)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return None
+    save_figure(fig, path)

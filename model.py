@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import LayerCache, rope_tables
+from attention import LayerCache, RowBlock, rope_tables
 from block import Block
 from model_config import ModelConfig
 
@@ -85,13 +85,15 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
-                input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy against targets (B, T),
-        where -1 marks a target to skip; the loss is None without targets.
+                input_pos: torch.Tensor | None = None, *, last_only: bool = False,
+                absorb: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) for the last position only with
+        last_only, and the mean cross-entropy against targets (B, T), where -1 marks a target to skip; the loss
+        is None without targets.
 
         With a cache (from make_cache), idx holds the tokens at slots input_pos (T,) of the cache (a LongTensor,
-        so that a decode step has static shapes), they attend over the cache, and logits come for the last
-        position only: (B, 1, vocab)."""
+        so that a decode step has static shapes) and they attend over the cache; absorb=False makes MLA
+        decompress its cache instead of decoding by weight absorption (the decode benchmark's reference)."""
         T = idx.size(1)
         if cache is None:
             if T > self.config.block_size:
@@ -102,14 +104,20 @@ class Transformer(nn.Module):
         cos, sin = self.rope.at(positions)
         x = self.dropout(self.embed_tokens(idx))
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, input_pos)
-        if cache is not None:
+            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, input_pos, absorb)
+        if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def stacked_rows(self) -> dict[str, list[RowBlock]]:
+        """The row blocks of every weight that stacks several matrices (see MultiHeadLatentAttention.stacked_rows),
+        by state-dict name."""
+        return {f"layers.{i}.self_attn.{name}": blocks for i, layer in enumerate(self.layers)
+                for name, blocks in layer.self_attn.stacked_rows().items()}
 
     def make_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None,
                    pad: torch.Tensor | None = None) -> Cache:
@@ -123,29 +131,32 @@ class Transformer(nn.Module):
         pad = torch.zeros(batch_size, dtype=torch.long) if pad is None else pad
         return Cache(layers, pad.to(weight.device))
 
-    def decode_step(self, token: torch.Tensor, cache: Cache, input_pos: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, token: torch.Tensor, cache: Cache, input_pos: torch.Tensor,
+                    absorb: bool = True) -> torch.Tensor:
         """Logits (B, vocab) after token (B, 1) at slot input_pos (1,). Its shapes are the same at every step,
-        so torch.compile captures it once (test.py --compile)."""
-        return self(token, cache=cache, input_pos=input_pos)[0][:, -1]
+        so torch.compile captures it once (compile_decode_step)."""
+        return self(token, cache=cache, input_pos=input_pos, last_only=True, absorb=absorb)[0][:, -1]
 
     @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None, *,
                pad: torch.Tensor | None = None, vocab_limit: int | None = None, stop_id: int | None = None,
-               cache_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+               cache_dtype: torch.dtype | None = None, decode_step=None) -> Iterator[torch.Tensor]:
         """Yield up to max_new_tokens next tokens (B, 1), one at a time: one prefill of the prompts idx (B, T),
         then one cached decode step per token.
 
         pad (B,): row b is left-padded by pad[b] tokens (left_pad makes idx and pad from prompts of different
         lengths). vocab_limit: sample only ids below it (the tokenizer's; the model's vocabulary is padded).
-        stop_id: a row that produced it keeps producing it, and the stream ends when every row has."""
+        stop_id: a row that produced it keeps producing it, and the stream ends when every row has.
+        decode_step: what takes each decode step (default: self.decode_step; compile_decode_step's compiled one)."""
         B, T = idx.shape
         total = T + max_new_tokens
         if total > self.config.block_size:
             raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens = {total} "
                              f"is longer than block_size {self.config.block_size}")
         cache = self.make_cache(B, total, cache_dtype, pad)
-        logits = self(idx, cache=cache, input_pos=torch.arange(T, device=idx.device))[0][:, -1]
+        decode_step = decode_step or self.decode_step
+        logits = self(idx, cache=cache, input_pos=torch.arange(T, device=idx.device), last_only=True)[0][:, -1]
         done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
             token = sample_next(logits[:, :vocab_limit], temperature, top_k, top_p, generator)
@@ -155,7 +166,7 @@ class Transformer(nn.Module):
             yield token
             if i + 1 == max_new_tokens or (stop_id is not None and bool(done.all())):
                 return
-            logits = self.decode_step(token, cache, torch.tensor([T + i], device=idx.device))
+            logits = decode_step(token, cache, torch.tensor([T + i], device=idx.device))
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None, **options) -> torch.Tensor:
@@ -165,11 +176,12 @@ class Transformer(nn.Module):
         return torch.cat([idx, *new], dim=1)
 
 
-def compile_decode_step(model: Transformer) -> None:
-    """torch.compile the model's decode step in place. Its shapes are the same at every step, so it is captured
-    once; on CUDA as a CUDA graph ("reduce-overhead"), which removes the launch cost of its many small kernels."""
+def compile_decode_step(model: Transformer):
+    """model.decode_step compiled with torch.compile (the model itself is left as it is). Its shapes are the same
+    at every step, so it is captured once; on CUDA as a CUDA graph ("reduce-overhead"), which removes the launch
+    cost of its many small kernels."""
     cuda = model.lm_head.weight.device.type == "cuda"
-    model.decode_step = torch.compile(model.decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True)
+    return torch.compile(model.decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

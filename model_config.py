@@ -107,6 +107,15 @@ class ModelConfig:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         return cls(**d)
 
+    def active_fields(self) -> dict:
+        """The fields that shape this model, for people to read: MLA's dims only for MLA, n_kv_head only for GQA,
+        the YaRN fields only with YaRN."""
+        mla = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        yarn = ("rope_factor", "original_seq_len", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+        idle = (() if self.attention == "mla" else mla) + (() if self.attention == "gqa" else ("n_kv_head",))
+        idle += () if self.rope_scaling == "yarn" else yarn
+        return {name: value for name, value in self.to_dict().items() if name not in idle}
+
     # ---- derived numbers ------------------------------------------------------------------------
 
     @property
@@ -178,3 +187,8 @@ PRESETS = {
                               kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                               ffn_hidden=2048),
 }
+
+# The like-for-like variants that every preset runs as: the same depth and width, another attention. "mla-no-q" is
+# MLA without query compression (as DeepSeek-V2-Lite); "gqa" keeps the preset's n_kv_head.
+VARIANTS = {"mla": {"attention": "mla"}, "mla-no-q": {"attention": "mla", "q_lora_rank": 0},
+            "mha": {"attention": "mha"}, "gqa": {"attention": "gqa"}}

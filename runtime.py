@@ -1,13 +1,17 @@
-"""Where and how a script runs: the device, the dtype, the GPU peak FLOP/s for MFU, and the CPU allocator
-setting. Shared by train.py, test.py, compare.py and the benchmarks."""
+"""Where and how a script runs: the device, the dtype, the processes of a distributed run, the GPU peak FLOP/s
+for MFU, and the CPU allocator setting. Shared by train.py, test.py, compare.py and the benchmarks."""
 import ctypes
+import os
 import re
 import sys
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from cli import CLIError
 
+DEVICES = ("auto", "cpu", "cuda", "mps")  # what --device takes (test.py and the benchmarks also take cuda:N)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's datasheets. Matched as a whole word
 # against torch.cuda.get_device_name(); the first match wins.
@@ -56,6 +60,51 @@ def device_peak_flops(device: str, override: float | None) -> float | None:
         return override
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in GPU_PEAK_FLOPS if re.search(rf"\b{key}\b", name)), None)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a run computes: its process among world_size, its device and dtype, and what follows from them."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str  # "cuda:<local rank>", "mps" or "cpu"
+    dtype: torch.dtype
+    compile: bool
+    peak_flops: float | None
+
+    @classmethod
+    def start(cls, device: str, dtype: str, compile: bool | None, peak_flops: float | None) -> "Runtime":
+        """Pick the device and dtype (see pick_device, pick_dtype), join torchrun's processes when there are
+        several, and turn TF32 matmuls on on CUDA. compile None: on CUDA only."""
+        device = pick_device(device)
+        rank, local_rank, world_size = start_processes(device)
+        if device == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls
+            device = f"cuda:{local_rank}"
+        device_type = device.split(":")[0]
+        return cls(rank, local_rank, world_size, device, pick_dtype(dtype, device_type),
+                   device_type == "cuda" if compile is None else compile, device_peak_flops(device, peak_flops))
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def start_processes(device_type: str) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment, joining the process group when there are
+    several processes: NCCL on GPUs, gloo on CPUs."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 0, 1
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return rank, local_rank, world_size
 
 
 def keep_freed_memory() -> None:

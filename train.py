@@ -10,8 +10,9 @@
 Every TrainConfig and ModelConfig field is a flag (--lr, --n-layer, ...). With --resume the checkpoint's configs
 are the base and the flags given override them; the model's must still match the checkpoint's.
 OUT receives ckpt.pt (latest), best.pt (lowest val loss), metrics.jsonl and, when matplotlib is installed, loss.png.
-On first use, the default --data-dir (data/shakespeare) is downloaded and prepared as `python data_prepare.py` does.
-The run itself lives in training.py (TrainConfig, Trainer); this file is its command line.
+On first use, the default --data-dir (data/shakespeare) is downloaded and prepared (corpus.prepare_shakespeare,
+as `python data_prepare.py` does). The run itself lives in training.py (TrainConfig, Trainer); this file is its
+command line.
 """
 import argparse
 import os
@@ -20,14 +21,14 @@ import types
 from dataclasses import fields, replace
 from pathlib import Path
 
-import data_prepare
+import corpus
 from checkpoint import load_checkpoint
 from cli import ArgumentParser, CLIError, finite_float, run
 from model_config import ATTENTION_KINDS, PRESETS, ModelConfig
-from runtime import DTYPES
+from runtime import DEVICES, DTYPES, keep_freed_memory, pick_device
 from training import TrainConfig, saved_train_config, train
 
-CHOICES = {"attention": ATTENTION_KINDS, "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES)}
+CHOICES = {"attention": ATTENTION_KINDS, "device": DEVICES, "dtype": ("auto", *DTYPES)}
 MODEL_HELP = {  # what each ModelConfig field without a help of its own means; its default comes from the preset
     "vocab_size": "token ids the model knows (GPT-2's 50257 padded to 50304)",
     "block_size": "longest sequence the model takes, and the training sequence length",
@@ -98,15 +99,17 @@ def configs_from_args(argv=None) -> tuple[TrainConfig, ModelConfig, dict | None]
 def prepare_default_data(tc: TrainConfig) -> None:
     """Download and prepare Tiny Shakespeare when the default data dir is asked for and is not there yet (in a
     single process: under torchrun, prepare it first)."""
-    default = tc.data_dir == TrainConfig.data_dir and Path(tc.data_dir) == data_prepare.SHAKESPEARE_DIR
+    default = tc.data_dir == TrainConfig.data_dir and Path(tc.data_dir) == corpus.SHAKESPEARE_DIR
     if default and not Path(tc.data_dir).exists() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         print(f"{tc.data_dir} is not there yet: preparing Tiny Shakespeare (once)")
-        data_prepare.main([])
+        print(f"{tc.data_dir}: {corpus.summary(corpus.prepare_shakespeare())}")
 
 
 def main(argv=None):
     tc, mc, start = configs_from_args(argv)
     prepare_default_data(tc)
+    if pick_device(tc.device) == "cpu":
+        keep_freed_memory()  # a CPU step's large buffers are reused instead of mapped afresh (runtime.py)
     stopped_by = train(tc, mc, start)
     if stopped_by:
         sys.exit(128 + stopped_by)

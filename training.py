@@ -1,12 +1,11 @@
-"""Training: the pieces of one step that train.py and benchmarks/bench_train.py share (the learning-rate
-schedule, the optimiser, the step itself), and a whole run as train.py and compare.py start it (TrainConfig,
-Trainer: checkpoints, resuming, evaluation during training, metrics.jsonl, loss.png)."""
+"""A training run as train.py and compare.py start it: TrainConfig, the checks before it starts, and Trainer
+(the loop, evaluation during training, checkpoints and exact resuming, DDP processes, stopping on a signal, and
+the run's metrics.jsonl and loss.png). One optimisation step is optim.py's."""
 import json
 import math
-import os
 import signal
+import textwrap
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,135 +20,10 @@ from cli import CLIError, atomic_write
 from dataset import PreparedData
 from model import Transformer
 from model_config import ModelConfig
-from runtime import DTYPES, device_peak_flops, keep_freed_memory, pick_device, pick_dtype
+from optim import DEFAULT_OPTIMIZER, OPTIMIZERS, TUNED_LR, Schedule, make_optimizer, train_step
+from report import figure, save_figure
+from runtime import DEVICES, DTYPES, Runtime
 
-from attention import MultiHeadLatentAttention
-
-GRAD_CLIP = 1.0
-ADAM_BETAS = (0.9, 0.95)
-
-
-def lr_at(step: int, tc) -> float:
-    """The learning rate of optimiser step `step` (0-based): linear warmup to tc.lr over warmup_iters steps,
-    cosine decay to min_lr at decay_iters, then min_lr."""
-    if step < tc.warmup_iters:
-        return tc.lr * (step + 1) / tc.warmup_iters
-    if step >= tc.decay_iters:
-        return tc.min_lr
-    progress = (step - tc.warmup_iters) / (tc.decay_iters - tc.warmup_iters)
-    return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
-
-
-OPTIMIZERS = ("adamw", "muon")
-TUNED_LR = {"adamw": 1e-3, "muon": 3e-3}  # the peak lr each wants on the shakespeare preset (results/muon.md)
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool, kind: str = "adamw"):
-    """The optimiser train_step() steps. adamw: AdamW on everything, decaying matrices (embeddings and projections)
-    and leaving norm weights and biases alone. muon: MuonWithAdamW, torch's Muon on the 2-D weights inside the
-    blocks and AdamW as above on the rest (the tied embedding / LM head, norm weights)."""
-    if kind not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
-    hidden = [p for p in model.layers.parameters() if p.dim() == 2] if kind == "muon" else []
-    rest = [p for p in model.parameters() if p not in set(hidden)]  # a tied weight appears once
-    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=lr, betas=ADAM_BETAS, fused=fused)
-    if kind == "adamw":
-        return adamw
-    return MuonWithAdamW(hidden, stacked_row_blocks(model), adamw, lr, weight_decay)
-
-
-def stacked_row_blocks(model: torch.nn.Module) -> dict[torch.Tensor, list[int]]:
-    """The row counts of the matrices that MLA stacks into one weight, per weight: q_b_proj (q_proj without a
-    query LoRA) holds each head's nope then rope queries, kv_a_proj_with_mqa W_DKV then W_KR, kv_b_proj each
-    head's W_UK then W_UV."""
-    blocks = {}
-    for m in model.modules():
-        if isinstance(m, MultiHeadLatentAttention):
-            q = m.q_b_proj if m.q_lora_rank else m.q_proj
-            blocks[q.weight] = [m.dn, m.dr] * m.n_head
-            blocks[m.kv_a_proj_with_mqa.weight] = [m.r, m.dr]
-            blocks[m.kv_b_proj.weight] = [m.dn, m.dv] * m.n_head
-    return blocks
-
-
-def gradient_rows_to(blocks: tuple[torch.Tensor, ...]):
-    """A post-accumulate-grad hook for a stacked weight: each row block's grad becomes the view of its rows."""
-    def hook(weight: torch.Tensor) -> None:
-        for block, grad in zip(blocks, weight.grad.split([b.size(0) for b in blocks])):
-            block.grad = grad
-    return hook
-
-
-class MuonWithAdamW:
-    """torch's Muon on the hidden matrices and an AdamW over the other parameters, stepped, zeroed and saved as
-    one optimiser. Muon orthogonalises each matrix that MLA stacks (stacked_row_blocks) separately: it steps
-    row blocks that share the stacked weight's storage, whose gradients are the matching rows of the weight's
-    (results/muon.md measures this against one update per weight). Muon scales its lr as Moonlight does
-    (adjust_lr_fn="match_rms_adamw": an update's RMS is 0.2 lr, about AdamW's), so one lr and one weight decay
-    serve both optimisers. The blocks' gradients are views of the weight's, set as soon as autograd has written
-    it, so that GradScaler.unscale_ unscales (and checks for inf) every row in place."""
-
-    def __init__(self, hidden: list[torch.Tensor], stacked: dict[torch.Tensor, list[int]],
-                 adamw: torch.optim.AdamW, lr: float, weight_decay: float):
-        self.split = [(w, w.detach().split(stacked[w])) for w in hidden if w in stacked]
-        for weight, blocks in self.split:
-            weight.register_post_accumulate_grad_hook(gradient_rows_to(blocks))
-        matrices = [w for w in hidden if w not in stacked] + [b for _, blocks in self.split for b in blocks]
-        self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-        self.adamw = adamw
-
-    @property
-    def param_groups(self) -> list[dict]:
-        """Both optimisers' groups, so that train_step sets the lr of every one."""
-        return self.muon.param_groups + self.adamw.param_groups
-
-    def step(self) -> None:
-        self.muon.step()
-        self.adamw.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.muon.zero_grad(set_to_none)
-        self.adamw.zero_grad(set_to_none)
-        for weight, _ in self.split:
-            if set_to_none:
-                weight.grad = None
-            elif weight.grad is not None:
-                weight.grad.zero_()
-
-    def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
-
-
-def train_step(model, optimizer, scaler, next_batch, grad_accum: int, lr: float, autocast) -> torch.Tensor:
-    """One optimiser step at learning rate lr over grad_accum micro-batches from next_batch() -> (x, y), each
-    (B, T). Under DDP gradients are all-reduced on the last micro-step only. Returns the mean micro-batch loss as
-    a 0-dim tensor on the device, so that nothing waits for the device here."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    total = 0.0
-    for micro in range(grad_accum):
-        x, y = next_batch()
-        last = micro == grad_accum - 1
-        with nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync():
-            with autocast:
-                loss = model(x, y)[1]  # no name for the logits: they are freed before backward
-            scaler.scale(loss / grad_accum).backward()
-        total = total + loss.detach()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return total / grad_accum
-
-
-# ---- a training run -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -166,7 +40,7 @@ class TrainConfig:
     warmup_iters: int = field(default=50, metadata={"help": "steps of linear warmup"})
     lr_decay_iters: int | None = field(default=None, metadata={"help": "step where the cosine ends; None: max_iters"})
     weight_decay: float = field(default=0.1, metadata={"help": "weight decay, on matrices only"})
-    optimizer: str = field(default="muon", metadata={
+    optimizer: str = field(default=DEFAULT_OPTIMIZER, metadata={
         "help": "adamw, or muon: Muon on the 2-D weights inside the blocks and AdamW on the rest, sharing lr and "
                 "weight_decay (results/muon.md)"})
     eval_interval: int = field(default=100, metadata={
@@ -191,26 +65,27 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.lr is None:
-            object.__setattr__(self, "lr", TUNED_LR[self.optimizer])
-        if self.min_lr is None:
-            object.__setattr__(self, "min_lr", self.lr / 10)
-        if not all(math.isfinite(x) for x in (self.lr, self.min_lr, self.weight_decay, self.peak_flops or 1)):
+        lr, min_lr = self.schedule.peak, self.schedule.floor
+        if not all(math.isfinite(x) for x in (lr, min_lr, self.weight_decay, self.peak_flops or 1)):
             raise ValueError("lr, min_lr, weight_decay and peak_flops must be finite numbers")
-        if not 0 <= self.min_lr <= self.lr or self.lr == 0:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got min_lr {self.min_lr} and lr {self.lr}")
+        if not 0 <= min_lr <= lr or lr == 0:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got min_lr {min_lr} and lr {lr}")
         if self.warmup_iters < 0 or self.weight_decay < 0:
             raise ValueError("warmup_iters and weight_decay must be >= 0")
-        if self.device not in ("auto", "cpu", "cuda", "mps"):
-            raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ValueError(f"peak_flops must be positive, got {self.peak_flops}")
 
     @property
-    def decay_iters(self) -> int:
-        return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+    def schedule(self) -> Schedule:
+        """The learning-rate schedule, with lr and min_lr resolved: lr None is the optimizer's tuned peak,
+        min_lr None a tenth of lr."""
+        lr = TUNED_LR[self.optimizer] if self.lr is None else self.lr
+        decay_end = self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+        return Schedule(lr, lr / 10 if self.min_lr is None else self.min_lr, self.warmup_iters, decay_end)
 
 
 def train(tc: TrainConfig, mc: ModelConfig, start: dict | None = None) -> int:
@@ -243,8 +118,7 @@ def check_start(tc: TrainConfig, mc: ModelConfig, start: dict | None) -> None:
         if ckpt_path.exists():
             raise CLIError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out-dir")
         return
-    missing = sorted({"optimizer", "scaler", "train_config", "step", "best_val_loss", "tokens_seen", "rng"}
-                     - start.keys())
+    missing = sorted(set(Trainer.STATE) - start.keys())
     if missing:
         raise CLIError(f"cannot resume from {ckpt_path}: it has no {', '.join(missing)} (not written by train.py)")
     saved_optimizer = saved_train_config(start)["optimizer"]
@@ -275,48 +149,20 @@ def load_data(tc: TrainConfig, mc: ModelConfig) -> PreparedData:
     return data
 
 
-@dataclass
-class Runtime:
-    """Where a run computes: its process among world_size, its device and dtype, and what follows from them."""
-    rank: int
-    local_rank: int
-    world_size: int
-    device: str  # "cuda:<local rank>", "mps" or "cpu"
-    dtype: torch.dtype
-    compile: bool
-    peak_flops: float | None
-
-    @classmethod
-    def start(cls, tc: TrainConfig) -> "Runtime":
-        device = pick_device(tc.device)
-        rank, local_rank, world_size = start_processes(device)
-        if device == "cuda":
-            torch.set_float32_matmul_precision("high")  # TF32 matmuls
-            device = f"cuda:{local_rank}"
-        else:
-            keep_freed_memory()
-        return cls(rank, local_rank, world_size, device, pick_dtype(tc.dtype, device.split(":")[0]),
-                   device.startswith("cuda") if tc.compile is None else tc.compile,
-                   device_peak_flops(device, tc.peak_flops))
-
-    @property
-    def device_type(self) -> str:
-        return self.device.split(":")[0]
-
-    def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
-
 class Trainer:
     """Everything one training run changes (model, optimiser, step, RNG streams, best val loss), its checkpoint
-    (save and restore), and the loop."""
+    (state_dict and load_state_dict), and the loop."""
+
+    # What a checkpoint must hold to resume: state_dict()'s keys.
+    STATE = ("model", "optimizer", "scaler", "model_config", "train_config", "step", "best_val_loss", "tokens_seen",
+             "rng")
 
     def __init__(self, tc: TrainConfig, mc: ModelConfig, start: dict | None = None):
         self.tc, self.mc, self.out = tc, mc, Path(tc.out_dir)
         start = starting_checkpoint(tc) if start is None else start
         check_start(tc, mc, start)
         self.data = load_data(tc, mc)
-        self.rt = rt = Runtime.start(tc)
+        self.rt = rt = Runtime.start(tc.device, tc.dtype, tc.compile, tc.peak_flops)
         self.tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * rt.world_size
         torch.manual_seed(tc.seed)  # the same initial weights in every process
         self.model = Transformer(mc)  # the plain module: what checkpoints hold, whatever wraps it
@@ -327,11 +173,11 @@ class Trainer:
             load_weights(self.model, start["model"], f"cannot {'resume' if tc.resume else 'start'} from "
                                                      f"{self.out / 'ckpt.pt' if tc.resume else tc.init_from}")
         self.model.to(rt.device)
-        self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, fused=rt.device_type == "cuda",
+        self.optimizer = make_optimizer(self.model, tc.schedule.peak, tc.weight_decay, fused=rt.device_type == "cuda",
                                         kind=tc.optimizer)
         self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
         if tc.resume:
-            self.restore(start)
+            self.load_state_dict(start)
         self.train_model = self.eval_model = torch.compile(self.model) if rt.compile else self.model
         if rt.world_size > 1:
             self.train_model = DistributedDataParallel(
@@ -341,69 +187,70 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self.metrics = MetricsLog(self.out / "metrics.jsonl", self.step if tc.resume else None)
 
-    def save(self, best: bool) -> None:
-        """Write ckpt.pt, and best.pt too when best. Every process takes part (their RNG states are gathered);
-        rank 0 writes."""
-        rng = [rng_state(self.data_generator, self.rt.device_type)]
+    # ---- the resumable state --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """What ckpt.pt holds (STATE). Every process takes part, as their RNG states are gathered."""
+        rng = [self.rng_state()]
         if self.rt.world_size > 1:
             rng = [None] * self.rt.world_size
-            dist.all_gather_object(rng, rng_state(self.data_generator, self.rt.device_type))
-        if self.rt.rank != 0:
-            return
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "model_config": self.mc.to_dict(),
-                 "train_config": asdict(self.tc), "step": self.step, "best_val_loss": self.best_val_loss,
-                 "tokens_seen": self.tokens_seen, "rng": rng}
-        for name in ("ckpt.pt", "best.pt") if best else ("ckpt.pt",):
-            save_checkpoint(state, self.out / name)
+            dist.all_gather_object(rng, self.rng_state())
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "model_config": self.mc.to_dict(),
+                "train_config": asdict(self.tc), "step": self.step, "best_val_loss": self.best_val_loss,
+                "tokens_seen": self.tokens_seen, "rng": rng}
 
-    def restore(self, ckpt: dict) -> None:
-        """The other half of save(): the optimiser, loss scaler, counters and RNG streams (weights are loaded
-        before the model moves to its device)."""
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:  # empty when saved without float16 loss scaling
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.step, self.best_val_loss, self.tokens_seen = ckpt["step"], ckpt["best_val_loss"], ckpt["tokens_seen"]
+    def load_state_dict(self, state: dict) -> None:
+        """The other half of state_dict(): the optimiser, loss scaler, counters and RNG streams (the weights are
+        loaded before the model moves to its device)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:  # empty when saved without float16 loss scaling
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best_val_loss, self.tokens_seen = state["step"], state["best_val_loss"], state["tokens_seen"]
         self.resume_note = f"resuming from {self.out / 'ckpt.pt'} at step {self.step}"
-        if len(ckpt["rng"]) == self.rt.world_size:
-            rng = ckpt["rng"][self.rt.rank]
+        if len(state["rng"]) == self.rt.world_size:
+            rng = state["rng"][self.rt.rank]
             self.data_generator.set_state(rng["data"])
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and self.rt.device_type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"])
         else:  # another process count: the old streams cannot be split or merged, so start new ones
-            self.resume_note += (f"\nwarning: the checkpoint was written by {len(ckpt['rng'])} processes and this "
+            self.resume_note += (f"\nwarning: the checkpoint was written by {len(state['rng'])} processes and this "
                                  f"run has {self.rt.world_size}: the data order is reseeded, so it is not an exact "
                                  "continuation")
             self.data_generator.manual_seed(derive_seed(self.tc.seed, 1, self.rt.rank, self.step))
             torch.manual_seed(derive_seed(self.tc.seed, 2, self.rt.rank, self.step))
 
-    def say(self, message: str) -> None:
+    def rng_state(self) -> dict:
+        """The RNG states this process saves: its data stream's, torch's CPU one (dropout) and its GPU's."""
+        state = {"data": self.data_generator.get_state(), "cpu": torch.get_rng_state()}
+        if self.rt.device_type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def save(self, best: bool) -> None:
+        """Write ckpt.pt, and best.pt too when best (rank 0 writes; every process takes part)."""
+        state = self.state_dict()
         if self.rt.rank == 0:
-            tqdm.write(message)
+            for name in ("ckpt.pt", "best.pt") if best else ("ckpt.pt",):
+                save_checkpoint(state, self.out / name)
 
-    def log(self, **record) -> None:
-        if self.metrics is not None:
-            self.metrics.write(**record)
-
-    def next_batch(self):
-        return self.data.get_batch("train", self.tc.batch_size, self.mc.block_size, self.data_generator,
-                                   self.rt.device)
+    # ---- the loop -------------------------------------------------------------------------------
 
     def run(self) -> int:
         """Train up to max_iters. Returns 0 when done, or the number of the signal that stopped it early
         (after saving ckpt.pt)."""
         tc = self.tc
-        self.say(describe(self))
+        self.say(self.describe())
         if self.step == tc.max_iters and tc.resume:
             self.say(f"note: {self.out / 'ckpt.pt'} is at step {self.step} = --max-iters already; nothing to train")
         with StopSignals() as signals, tqdm(total=tc.max_iters, initial=self.step, unit="step", dynamic_ncols=True,
                                             disable=self.rt.rank != 0) as bar:
-            window = Window(self)
+            window = Window()
             if not tc.resume:
-                evaluate_and_save(self, window.throughput)
+                self.evaluate_and_save(window.throughput)
             while self.step < tc.max_iters:
-                lr = lr_at(self.step, tc)
+                lr = tc.schedule.lr_at(self.step)
                 window.add(train_step(self.train_model, self.optimizer, self.scaler, self.next_batch,
                                       tc.grad_accum, lr, self.rt.autocast()))
                 self.step += 1
@@ -412,9 +259,9 @@ class Trainer:
                 evaluating = self.step % tc.eval_interval == 0 or self.step == tc.max_iters
                 stopping = signals.agreed(self.rt.device)
                 if self.step % tc.log_interval == 0 or evaluating or stopping:
-                    window.close(lr, bar)
+                    self.log_window(window, lr, bar)
                 if evaluating:
-                    evaluate_and_save(self, window.throughput)
+                    self.evaluate_and_save(window.throughput)
                 elif stopping:
                     self.save(best=False)
                 if stopping:
@@ -426,95 +273,123 @@ class Trainer:
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
         return 0
 
+    def next_batch(self):
+        return self.data.get_batch("train", self.tc.batch_size, self.mc.block_size, self.data_generator,
+                                   self.rt.device)
+
+    def log_window(self, window: "Window", lr: float, bar) -> None:
+        """Log the mean loss and throughput of the steps since the last line (and show them on the bar); refuse a
+        non-finite loss."""
+        steps = window.steps
+        mean_loss = mean_over_processes(window.loss / steps)
+        if not math.isfinite(mean_loss):
+            raise CLIError(f"the training loss became {mean_loss} between steps {self.step - steps + 1} and "
+                           f"{self.step}; stopped without saving (ckpt.pt and best.pt hold earlier steps); "
+                           "try a lower --lr")
+        throughput = window.close(self.tokens_per_step, self.mfu)
+        self.log(step=self.step, loss=mean_loss, lr=lr, **throughput, tokens_seen=self.tokens_seen)
+        mfu = throughput["mfu"]
+        shown = {"tok/s": f"{throughput['tokens_per_sec']:,.0f}"} | ({"mfu": f"{100 * mfu:.1f}%"} if mfu else {})
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **shown)
+
+    def mfu(self, tokens_per_sec: float) -> float | None:
+        """Model FLOPs utilisation of one device at this throughput; None when the device's peak is unknown."""
+        if self.rt.peak_flops is None:
+            return None
+        flops = self.mc.flops_per_token(self.mc.block_size) * tokens_per_sec
+        return flops / self.rt.world_size / self.rt.peak_flops
+
+    def evaluate_and_save(self, throughput: dict) -> None:
+        """Evaluate at the current step, log it, and save ckpt.pt (and best.pt when val loss improved)."""
+        losses = self.estimate_losses()
+        if not math.isfinite(losses["val"]):
+            raise CLIError(f"the val loss is {losses['val']} at step {self.step}; stopped without saving")
+        best = losses["val"] < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, losses["val"])
+        self.log(step=self.step, train_loss=losses["train"], val_loss=losses["val"], best_val_loss=self.best_val_loss,
+                 lr=self.tc.schedule.lr_at(max(self.step - 1, 0)), **throughput)
+        self.say(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                 f"{' (best)' if best else f', best {self.best_val_loss:.4f}'}")
+        self.save(best)
+
+    @torch.no_grad()
+    def estimate_losses(self) -> dict[str, float]:
+        """Mean loss over eval_iters batches of each split, averaged over processes. The batches come from a
+        generator seeded by (seed, rank, step), so evaluation leaves the training stream untouched."""
+        tc, mc = self.tc, self.mc
+        self.eval_model.eval()
+        generator = torch.Generator().manual_seed(derive_seed(tc.seed, 3, self.rt.rank, self.step))
+        losses = {}
+        for split in ("train", "val"):
+            total = torch.zeros((), device=self.rt.device)
+            for _ in range(tc.eval_iters):
+                x, y = self.data.get_batch(split, tc.batch_size, mc.block_size, generator, self.rt.device)
+                with self.rt.autocast():
+                    total += self.eval_model(x, y)[1].float()
+            losses[split] = mean_over_processes(total / tc.eval_iters)
+        self.eval_model.train()
+        return losses
+
+    # ---- what the run says ----------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """The run's opening lines: the model, the training settings and where it runs."""
+        mc, tc, rt, schedule = self.mc, self.tc, self.rt, self.tc.schedule
+        size = (f"{mc.num_params() / 1e6:.2f}M parameters ({mc.non_embedding_params() / 1e6:.2f}M without "
+                f"embeddings), {mc.flops_per_token(mc.block_size) / 1e6:.1f} MFLOP per token trained")
+        settings = {k: v for k, v in asdict(tc).items() if k not in ("lr", "min_lr", "lr_decay_iters")}
+        lr = (f"lr {schedule.peak:g} -> {schedule.floor:g} (warmup {schedule.warmup} steps, cosine until step "
+              f"{schedule.decay_end})")
+        where = (f"{rt.device}, {str(rt.dtype).removeprefix('torch.')}, {'compiled' if rt.compile else 'eager'}, "
+                 f"{rt.world_size} process{'es' if rt.world_size > 1 else ''}, {self.tokens_per_step:,} tokens "
+                 "per step" + (f", peak {rt.peak_flops:.3g} FLOP/s for MFU" if rt.peak_flops else ""))
+        lines = [labelled("model", [size, fields_text(mc.active_fields())]), labelled("train", [lr, fields_text(settings)]),
+                 labelled("run", [where])]
+        return "\n".join(lines + ([self.resume_note] if self.resume_note else []))
+
+    def say(self, message: str) -> None:
+        if self.rt.rank == 0:
+            tqdm.write(message)
+
+    def log(self, **record) -> None:
+        if self.metrics is not None:
+            self.metrics.write(**record)
+
 
 class Window:
-    """The training steps since the last line in metrics.jsonl: their mean loss and throughput."""
+    """The training steps since the last line in metrics.jsonl: their summed loss (a tensor on the device, so
+    nothing waits for it), their count, and the time they took; and the throughput of the last closed window."""
 
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
+    def __init__(self):
         self.throughput = {"tokens_per_sec": None, "mfu": None}
         self.loss, self.steps, self.logged, self.start = 0.0, 0, True, time.perf_counter()
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss, self.steps, self.logged = self.loss + loss, self.steps + 1, False
 
-    def close(self, lr: float, bar) -> None:
-        """Log the window's mean loss and throughput (and show them on the bar); refuse a non-finite loss."""
-        t = self.trainer
-        mean_loss = mean_over_processes(self.loss / self.steps)
-        if not math.isfinite(mean_loss):
-            raise CLIError(f"the training loss became {mean_loss} between steps {t.step - self.steps + 1} and "
-                           f"{t.step}; stopped without saving (ckpt.pt and best.pt hold earlier steps); "
-                           "try a lower --lr")
-        tokens_per_sec = self.steps * t.tokens_per_step / (time.perf_counter() - self.start)
-        mfu = None
-        if t.rt.peak_flops is not None:
-            mfu = t.mc.flops_per_token(t.mc.block_size) * tokens_per_sec / t.rt.world_size / t.rt.peak_flops
-        self.throughput = {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
-        t.log(step=t.step, loss=mean_loss, lr=lr, **self.throughput, tokens_seen=t.tokens_seen)
-        shown = {"tok/s": f"{tokens_per_sec:,.0f}"} | ({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {})
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **shown)
+    def close(self, tokens_per_step: int, mfu) -> dict:
+        """End the window -> its throughput {"tokens_per_sec", "mfu"}, mfu(tokens_per_sec) giving the latter."""
+        tokens_per_sec = self.steps * tokens_per_step / (time.perf_counter() - self.start)
+        self.throughput = {"tokens_per_sec": tokens_per_sec, "mfu": mfu(tokens_per_sec)}
         self.loss, self.steps, self.logged = 0.0, 0, True
+        return self.throughput
 
     def restart_clock(self) -> None:
         if self.logged:
             self.start = time.perf_counter()
 
 
-def evaluate_and_save(t: Trainer, throughput: dict) -> None:
-    """Evaluate at the current step, log it, and save ckpt.pt (and best.pt when val loss improved)."""
-    losses = estimate_losses(t)
-    if not math.isfinite(losses["val"]):
-        raise CLIError(f"the val loss is {losses['val']} at step {t.step}; stopped without saving")
-    best = losses["val"] < t.best_val_loss
-    t.best_val_loss = min(t.best_val_loss, losses["val"])
-    t.log(step=t.step, train_loss=losses["train"], val_loss=losses["val"], best_val_loss=t.best_val_loss,
-          lr=lr_at(max(t.step - 1, 0), t.tc), **throughput)
-    t.say(f"step {t.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-          f"{' (best)' if best else f', best {t.best_val_loss:.4f}'}")
-    t.save(best)
+def fields_text(fields: dict) -> str:
+    """name=value pairs, floats as %g: "n_layer=6, dropout=0.1, ..."."""
+    return ", ".join(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+                     for name, value in fields.items())
 
 
-@torch.no_grad()
-def estimate_losses(t: Trainer) -> dict[str, float]:
-    """Mean loss over eval_iters batches of each split, averaged over processes. The batches come from a
-    generator seeded by (seed, rank, step), so evaluation leaves the training stream untouched."""
-    tc, mc = t.tc, t.mc
-    t.eval_model.eval()
-    generator = torch.Generator().manual_seed(derive_seed(tc.seed, 3, t.rt.rank, t.step))
-    losses = {}
-    for split in ("train", "val"):
-        total = torch.zeros((), device=t.rt.device)
-        for _ in range(tc.eval_iters):
-            x, y = t.data.get_batch(split, tc.batch_size, mc.block_size, generator, t.rt.device)
-            with t.rt.autocast():
-                total += t.eval_model(x, y)[1].float()
-        losses[split] = mean_over_processes(total / tc.eval_iters)
-    t.eval_model.train()
-    return losses
-
-
-def rng_state(data_generator: torch.Generator, device_type: str) -> dict:
-    """The RNG states one process saves: its data stream's, torch's CPU one (dropout) and its GPU's."""
-    state = {"data": data_generator.get_state(), "cpu": torch.get_rng_state()}
-    if device_type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def describe(t: Trainer) -> str:
-    mc, tc, rt = t.mc, t.tc, t.rt
-    lines = [f"model: {json.dumps(mc.to_dict())}",
-             f"       {mc.num_params() / 1e6:.2f}M parameters, {mc.non_embedding_params() / 1e6:.2f}M "
-             f"without embeddings, {mc.flops_per_token(mc.block_size) / 1e6:.1f} MFLOP per token trained",
-             f"train: {json.dumps(asdict(tc))}",
-             f"run:   device {rt.device}, dtype {str(rt.dtype).removeprefix('torch.')}, compile "
-             f"{rt.compile}, {rt.world_size} process(es), {t.tokens_per_step:,} tokens per step, "
-             f"lr decays until step {tc.decay_iters}, peak FLOP/s for MFU "
-             f"{'unknown (pass --peak-flops)' if rt.peak_flops is None else f'{rt.peak_flops:.3g}'}"]
-    if t.resume_note:
-        lines.append(t.resume_note)
-    return "\n".join(lines)
+def labelled(label: str, paragraphs: list[str], width: int = 110) -> str:
+    """paragraphs wrapped to width, the first line starting with label, the rest indented under it."""
+    indent = " " * 7
+    lines = [line for text in paragraphs for line in textwrap.wrap(text, width - len(indent))]
+    return "\n".join(f"{label + ':':<7}{line}" if i == 0 else indent + line for i, line in enumerate(lines))
 
 
 # ---- processes, seeds, signals ------------------------------------------------------------------
@@ -522,19 +397,6 @@ def describe(t: Trainer) -> str:
 def derive_seed(*keys: int) -> int:
     """A 64-bit seed mixed from keys; callers put a distinct tag second so that the streams never coincide."""
     return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0])
-
-
-def start_processes(device_type: str) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment, joining the process group when there are
-    several processes: NCCL on GPUs, gloo on CPUs."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 0, 1
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return rank, local_rank, world_size
 
 
 def mean_over_processes(value: torch.Tensor) -> float:
@@ -574,7 +436,7 @@ class StopSignals:
         return int(flag.item())
 
 
-# ---- logs ---------------------------------------------------------------------------------------
+# ---- the run's logs -----------------------------------------------------------------------------
 
 class MetricsLog:
     """OUT/metrics.jsonl: one JSON object per line. A fresh run starts it empty; a resumed one keeps the lines up
@@ -607,24 +469,30 @@ def logged_step(line: str) -> float:
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """Train and val loss against step, when matplotlib is installed; a note saying how to get it otherwise."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
-    except ImportError:
-        tqdm.write(f"note: matplotlib is not installed, so there is no {png_path} (train and val loss against "
-                   f"step); pip install matplotlib, then `python train.py --resume --out-dir {png_path.parent}` "
-                   "draws it without training further")
+    """Train and val loss against step. The y axis spans the losses from a tenth of the run on, so that the
+    train/val gap, not the first drop from ln(vocab), fills the picture; the first val loss is named in the
+    title."""
+    fig = figure(png_path, "train and val loss against step",
+                 f"`python train.py --resume --out-dir {png_path.parent}` draws it without training further",
+                 figsize=(7, 4), layout="constrained")
+    if fig is None:
         return
     records = read_metrics(metrics_path)
     train_points = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val_points = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     for points, label, style in ((train_points, "train (mean since the previous line)", "-"),
-                                 (val_points, "val", "o-")):
+                                 (val_points, "val (estimate)", "o-")):
         if points:
             ax.plot(*zip(*points), style, label=label)
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=png_path.parent.name)
+    last_step = max(step for step, _ in train_points + val_points)
+    later = [loss for step, loss in train_points + val_points if step >= last_step / 10]
+    if later and last_step > 0:
+        low, high = min(later), max(later)
+        margin = 0.05 * (high - low or 1.0)
+        ax.set_ylim(low - margin, high + margin)
+    start = f"; step 0: val {val_points[0][1]:.2f}" if val_points and val_points[0][0] == 0 else ""
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=f"{png_path.parent.name}{start}")
+    ax.grid(True, alpha=0.3)
     ax.legend()
-    with atomic_write(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    save_figure(fig, png_path)

@@ -3,8 +3,9 @@
     python benchmarks/bench_train.py                                          # shakespeare preset on the CPU
     python benchmarks/bench_train.py --device cuda --preset gpt2-small --batch-size 16
 
-Each step is train.py's own: train_step() with make_optimizer()'s AdamW, gradient clipping and, on CUDA, bf16
-autocast and torch.compile (as train.py picks them). Batches are random tokens, generated up front, so the data
+Each step is train.py's own: optim.train_step() with the optimiser a run makes (--optimizer, default train.py's:
+Muon on the blocks' matrices, AdamW on the rest), gradient clipping and, on CUDA, bf16 autocast and torch.compile
+(as a run picks them: runtime.Runtime). Batches are random tokens, generated up front, so the data
 reader is left out. The attention kinds take turns, --rounds times, and the median round is reported, so that a
 noisy machine slows them alike.
 
@@ -21,11 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cli import CLIError, run  # noqa: E402
+from cli import ArgumentParser, number, positive_int, run  # noqa: E402
 from model import Transformer  # noqa: E402
 from model_config import ATTENTION_KINDS, PRESETS, ModelConfig  # noqa: E402
-from runtime import device_peak_flops, keep_freed_memory, pick_device, pick_dtype, synchronize  # noqa: E402
-from training import make_optimizer, train_step  # noqa: E402
+from optim import DEFAULT_OPTIMIZER, OPTIMIZERS, make_optimizer, train_step  # noqa: E402
+from report import markdown_table  # noqa: E402
+from runtime import DEVICES, Runtime, keep_freed_memory, synchronize  # noqa: E402
 
 
 def matmul_flops(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,15 +42,15 @@ def matmul_flops(a: torch.Tensor, b: torch.Tensor) -> float:
 class Contender:
     """One attention kind: its model, optimiser and fixed batches, ready to time training steps."""
 
-    def __init__(self, config: ModelConfig, args, device: str, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, args, rt: Runtime):
         torch.manual_seed(0)
-        self.config, self.device = config, device
-        self.model = Transformer(config).to(device)
-        self.optimizer = make_optimizer(self.model, 1e-4, 0.1, fused=device.startswith("cuda"))
-        self.step_model = torch.compile(self.model) if args.compile else self.model
-        self.scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
-        self.autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
-        tokens = torch.randint(0, config.vocab_size, (4, args.batch_size, config.block_size + 1), device=device)
+        self.config, self.device = config, rt.device
+        self.model = Transformer(config).to(rt.device)
+        self.optimizer = make_optimizer(self.model, 1e-4, 0.1, fused=rt.device_type == "cuda", kind=args.optimizer)
+        self.step_model = torch.compile(self.model) if rt.compile else self.model
+        self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
+        self.autocast = rt.autocast()
+        tokens = torch.randint(0, config.vocab_size, (4, args.batch_size, config.block_size + 1), device=rt.device)
         self.batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
         self.tokens_per_step = args.batch_size * config.block_size
         self.calls = 0
@@ -71,31 +73,28 @@ class Contender:
         self.tokens_per_sec.append(n * self.tokens_per_step / self.steps(n))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="shakespeare")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round (default 3)")
-    parser.add_argument("--rounds", type=int, default=5, help="turns each attention kind takes (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation; default 2)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per round")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="turns each attention kind takes")
+    parser.add_argument("--warmup", type=number(int, minimum=0), default=2, help="untimed steps first (compilation)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile (default: on CUDA only, as train.py)")
-    parser.add_argument("--peak-flops", type=float, help="peak FLOP/s of one device for MFU")
-    args = parser.parse_args()
-    if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 0:
-        raise CLIError("--batch-size, --steps and --rounds must be positive, --warmup >= 0")
-    device = pick_device(args.device)
-    device_type = device
-    device = "cuda:0" if device == "cuda" else device
-    dtype = pick_dtype("auto", device_type)
-    args.compile = device_type == "cuda" if args.compile is None else args.compile
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")
-    else:
-        keep_freed_memory()  # as train.py does
+    parser.add_argument("--peak-flops", type=number(float, above=0), help="peak FLOP/s of one device for MFU")
+    return parser.parse_args(argv)
 
-    contenders = {kind: Contender(ModelConfig.from_preset(args.preset, attention=kind), args, device, dtype)
+
+def main(argv=None):
+    args = parse_args(argv)
+    rt = Runtime.start(args.device, "auto", args.compile, args.peak_flops)
+    if rt.device_type == "cpu":
+        keep_freed_memory()  # as train.py does
+    device, dtype = rt.device, rt.dtype
+    contenders = {kind: Contender(ModelConfig.from_preset(args.preset, attention=kind), args, rt)
                   for kind in ATTENTION_KINDS}
     for contender in contenders.values():
         contender.steps(args.warmup)
@@ -107,26 +106,28 @@ def main():
             contender.time_round(args.steps)
 
     matmul = statistics.median(matmul)
-    peak = args.peak_flops or (device_peak_flops(device, None) if device_type == "cuda" else matmul)
-    name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    peak = rt.peak_flops if rt.device_type == "cuda" or args.peak_flops else matmul
+    cuda = rt.device_type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} thread(s)"
     print(f"device: {name}; torch {torch.__version__}; dtype {str(dtype).removeprefix('torch.')}; "
-          f"compile {args.compile}")
+          f"compile {rt.compile}")
     print(f"float32 4096^3 matmul: {matmul / 1e9:,.1f} GFLOP/s measured; peak used for MFU: "
           + (f"{peak / 1e12:,.3f} TFLOP/s" if peak else "unknown (pass --peak-flops)"))
 
     block = contenders["mla"].config.block_size
     print(f"\npreset {args.preset}, batch {args.batch_size} x {block} tokens, median of {args.rounds} rounds of "
           f"{args.steps} steps\n")
-    print("| attention | params | GFLOP/token | tokens/s (median) | tokens/s (min-max) | vs MHA | MFU |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
     mha = statistics.median(contenders["mha"].tokens_per_sec)
+    rows = []
     for kind, contender in contenders.items():
         tokens_per_sec = statistics.median(contender.tokens_per_sec)
         flops = contender.config.flops_per_token(block)
         mfu = f"{100 * flops * tokens_per_sec / peak:.1f}%" if peak else "n/a"
         spread = f"{min(contender.tokens_per_sec):,.0f}-{max(contender.tokens_per_sec):,.0f}"
-        print(f"| {kind} | {contender.config.num_params() / 1e6:.1f}M | {flops / 1e9:.3f} | {tokens_per_sec:,.0f} "
-              f"| {spread} | {tokens_per_sec / mha:.2f}x | {mfu} |")
+        rows.append([kind, f"{contender.config.num_params() / 1e6:.1f}M", f"{flops / 1e9:.3f}", f"{tokens_per_sec:,.0f}",
+                     spread, f"{tokens_per_sec / mha:.2f}x", mfu])
+    print(markdown_table(["attention", "params", "GFLOP/token", "tokens/s (median)", "tokens/s (min-max)", "vs MHA",
+                          "MFU"], rows))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def write_byte_data(directory: Path, tokens: np.ndarray, val_tokens: int) -> Pat
     splits = {"train": tokens[:-val_tokens], "val": tokens[-val_tokens:]}
     for split, ids in splits.items():
         ids.tofile(directory / f"{split}.bin")
-    meta = {"format_version": dataset.FORMAT_VERSION, "tokenizer": "utf-8 bytes", "vocab_size": 256,
+    meta = {"format_version": dataset.DATA_FORMAT_VERSION, "tokenizer": "utf-8 bytes", "vocab_size": 256,
             "eot_id": 0, "dtype": "uint16",
             "splits": {split: {"tokens": len(ids), "text_bytes": len(ids)} for split, ids in splits.items()}}
     (directory / "meta.json").write_text(json.dumps(meta))

@@ -17,10 +17,10 @@ import data_prepare
 import test as test_script  # the repo's test.py
 import train
 from checkpoint import load_checkpoint
-from conftest import write_byte_data
+from conftest import REPO, write_byte_data
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ["train.py", "test.py", "data_prepare.py", "compare.py", "convert_hf.py export --ckpt a.pt --out-dir b"]
+SCRIPTS = ["train.py", "test.py --ckpt a.pt", "data_prepare.py", "compare.py", "convert_hf.py export --ckpt a.pt --out-dir b",
+           "benchmarks/bench_decode.py", "benchmarks/bench_train.py"]
 
 
 def assert_one_error_line(stderr: str, expected: str):
@@ -81,7 +81,10 @@ def snapshot(directory: Path) -> dict:
     (test_script.main, ["--ckpt", "x.pt", "--stride", "0"], "argument --stride: must be at least 1, got '0'"),
     (test_script.main, ["--ckpt", "x.pt", "--stride", "-4"], "argument --stride: must be at least 1, got '-4'"),
     (test_script.main, ["--ckpt", "x.pt", "--temperature", "inf"], "argument --temperature: must be finite"),
-    (test_script.main, ["--device", "tpu"], "--device tpu: not a device"),
+    (test_script.main, ["--ckpt", "x.pt", "--device", "tpu"], "--device tpu: not a device"),
+    (test_script.main, ["--ckpt", "x.pt", "--top-p", "1.5"], "argument --top-p: must be at most 1, got '1.5'"),
+    (test_script.main, ["--ckpt", "x.pt", "--prompt", "a", "--prompt-file", "p.txt"],
+     "argument --prompt-file: not allowed with argument --prompt"),
     (data_prepare.main, ["--workers", "0"], "argument --workers: must be at least 1, got '0'"),
     (data_prepare.main, ["--val-fraction", "nan"], "argument --val-fraction: must be finite"),
     (compare.main, ["--bench-context", "1"], "argument --bench-context: must be at least 2, got '1'"),

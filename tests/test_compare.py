@@ -106,6 +106,6 @@ def test_a_rerun_with_other_settings_is_refused_before_training(prepared, monkey
 def test_without_matplotlib_the_plot_is_one_note(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
     compare.plot_study([], [], tmp_path / "study.png")
-    note = capsys.readouterr().out
+    note = capsys.readouterr().err
     assert note.startswith("note: matplotlib is not installed") and note.count("\n") == 1
     assert not (tmp_path / "study.png").exists()

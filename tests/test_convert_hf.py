@@ -3,7 +3,6 @@ trips, and one-line errors for what cannot convert."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +12,12 @@ from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cli import CLIError
 from model import Transformer
 from model_config import ModelConfig
+from conftest import REPO
 
 INSTALL = "pip install -r requirements-dev.txt"
 pytest.importorskip("safetensors", reason=f"convert_hf.py needs safetensors: {INSTALL}")
 transformers = pytest.importorskip("transformers", reason=f"these tests compare against transformers: {INSTALL}")
 
-REPO = Path(__file__).resolve().parent.parent
 VOCAB = 320  # 256 token ids used + padding, like GPT-2's 50257 padded to 50304
 # (q_lora_rank, tie_embeddings, qk_rope_head_dim): with and without query compression, tied and untied, two rope dims
 CONFIGS = [(32, True, 8), (0, False, 16), (0, True, 8), (32, False, 16)]
@@ -230,12 +229,12 @@ def test_outputs_are_not_overwritten_without_force(tmp_path):
     first, second = project_model(seed=5), project_model(seed=6)
     hf_dir = exported(first, tmp_path)
     ckpt = save_project(second, tmp_path / "second.pt")
-    with pytest.raises(CLIError, match="already exists; pass --force"):
+    with pytest.raises(CLIError, match="already holds .*; pass --force to replace"):
         convert_hf.export_checkpoint(ckpt, hf_dir)
     convert_hf.export_checkpoint(ckpt, hf_dir, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "hf", "second.pt"]  # no temp dirs left
     convert_hf.import_checkpoint(hf_dir, tmp_path / "imported.pt")
-    with pytest.raises(CLIError, match="already exists; pass --force"):
+    with pytest.raises(CLIError, match="already holds .*; pass --force to replace"):
         convert_hf.import_checkpoint(hf_dir, tmp_path / "imported.pt")
     convert_hf.import_checkpoint(hf_dir, tmp_path / "imported.pt", force=True)
     assert torch.equal(load_checkpoint(tmp_path / "imported.pt")["model"]["embed_tokens.weight"],

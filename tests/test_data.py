@@ -1,4 +1,4 @@
-"""tokenizer.py and data_prepare.py: exact round trips, the split, chunked streaming, the reader, bad inputs."""
+"""tokenizer.py, corpus.py and data_prepare.py: exact round trips, the split, chunked streaming, the reader, bad inputs."""
 import gzip
 import hashlib
 import io
@@ -16,13 +16,14 @@ import pytest
 import tiktoken
 import torch
 
+import corpus
 import data_prepare
 import tokenizer
 from cli import CLIError
 from dataset import PreparedData
+from conftest import REPO, SHAKESPEARE
 
-REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
 # Where tiktoken keeps the ranks file in its cache (conftest.py points TIKTOKEN_CACHE_DIR at ../shared's copy).
 CACHED_RANKS = (Path(os.environ.get("TIKTOKEN_CACHE_DIR", "/nonexistent"))
                 / hashlib.sha1(tokenizer.RANKS_URL.encode()).hexdigest())
@@ -131,7 +132,7 @@ def test_chunked_streaming_encodes_like_the_whole_text(tok, block_bytes):
     text = random_text(1, 200)
     raw = text.encode("utf-8")
     blocks = (raw[i : i + block_bytes] for i in range(0, len(raw), block_bytes))  # cuts inside words and characters
-    pieces = list(data_prepare._safe_pieces(data_prepare._decode_utf8(Path("t.txt"), blocks)))
+    pieces = list(corpus._safe_pieces(corpus._decode_utf8(Path("t.txt"), blocks)))
     assert len(pieces) > 20
     assert "".join(text for text, _ in pieces) == text
     assert [end for _, end in pieces] == [False] * (len(pieces) - 1) + [True]
@@ -145,7 +146,7 @@ def test_safe_cuts_on_random_whitespace_mixes(tok):
     for _ in range(300):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         size = rng.randint(1, 5)
-        pieces = list(data_prepare._safe_pieces(text[i : i + size] for i in range(0, len(text), size)))
+        pieces = list(corpus._safe_pieces(text[i : i + size] for i in range(0, len(text), size)))
         assert encode_pieces(pieces, tok) == tok.encode(text), repr(text)
 
 
@@ -157,7 +158,7 @@ def test_safe_cuts_on_random_whitespace_mixes(tok):
 def test_invalid_utf8_names_its_byte_offset_across_blocks(raw, offset):
     blocks = (raw[i : i + 1] for i in range(len(raw)))
     with pytest.raises(CLIError, match=f"t.txt: invalid UTF-8 at byte {offset}$"):
-        list(data_prepare._decode_utf8(Path("t.txt"), blocks))
+        list(corpus._decode_utf8(Path("t.txt"), blocks))
 
 
 # ---- Tiny Shakespeare ---------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def shakespeare(tok, tmp_path_factory):
         pytest.skip(f"{SHAKESPEARE} is absent")
     out = tmp_path_factory.mktemp("shakespeare")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data_prepare, "CHUNK_BYTES", 1 << 16)  # 17 chunks, so cuts are exercised
+        patch.setattr(corpus, "CHUNK_BYTES", 1 << 16)  # 17 chunks, so cuts are exercised
         prepare("--input", SHAKESPEARE, "--out-dir", out, "--force")
     return PreparedData(out)
 
@@ -234,7 +235,7 @@ def write_corpus(root: Path) -> tuple[list[Path], list[str]]:
 
 
 def test_many_documents_round_trip_whole_documents(tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(data_prepare, "CHUNK_BYTES", 16)
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 16)
     inputs, docs = write_corpus(tmp_path)
     out = tmp_path / "out"
     prepare("--input", *inputs, "--out-dir", out, "--val-fraction", 0.3, "--seed", 5, "--workers", 2)
@@ -258,7 +259,7 @@ def test_many_documents_round_trip_whole_documents(tok, tmp_path, monkeypatch):
 
 def test_gzip_source_hash_covers_every_byte_on_disk(tok, tmp_path, monkeypatch):
     """Two gzip members and zero padding after them: the text is both members', the sha256 the whole file's."""
-    monkeypatch.setattr(data_prepare, "CHUNK_BYTES", 7)
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 7)
     text = random_text(4, 60)
     half = len(text) // 2
     path = tmp_path / "two.txt.gz"
@@ -306,10 +307,10 @@ class InterruptingProgress:
 
 @pytest.mark.parametrize("phase", ["tokenizing", "splitting", "renaming"])
 def test_ctrl_c_leaves_nothing_behind(tok, tmp_path, monkeypatch, phase):
-    monkeypatch.setattr(data_prepare, "CHUNK_BYTES", 64)
-    monkeypatch.setattr(data_prepare, "COPY_TOKENS", 16)
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(corpus, "COPY_TOKENS", 16)
     InterruptingProgress.desc = phase
-    monkeypatch.setattr(data_prepare, "tqdm", InterruptingProgress)
+    monkeypatch.setattr(corpus, "tqdm", InterruptingProgress)
     if phase == "renaming":  # after train.bin is in place, before val.bin and meta.json
         real_replace, calls = os.replace, []
 
@@ -319,7 +320,7 @@ def test_ctrl_c_leaves_nothing_behind(tok, tmp_path, monkeypatch, phase):
                 raise KeyboardInterrupt
             real_replace(src, dst)
 
-        monkeypatch.setattr(data_prepare.os, "replace", interrupted_replace)
+        monkeypatch.setattr(corpus.os, "replace", interrupted_replace)
     inputs, _ = write_corpus(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
@@ -331,7 +332,7 @@ def test_default_input_offline_fails_naming_input(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(data_prepare.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(corpus.urllib.request, "urlopen", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CLIError, match="--input") as err:
         prepare()
@@ -341,7 +342,7 @@ def test_default_input_offline_fails_naming_input(tmp_path, monkeypatch):
 
 def test_default_input_downloads_then_prepares_data_shakespeare(tok, tmp_path, monkeypatch):
     text = random_text(4, 100)
-    monkeypatch.setattr(data_prepare.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
+    monkeypatch.setattr(corpus.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
     monkeypatch.chdir(tmp_path)
     prepare()
     out = tmp_path / "data" / "shakespeare"

@@ -137,8 +137,8 @@ def test_compiled_decode_step_equals_eager_and_compiles_once(kind):
     prompt = random_tokens(2, 6)
     eager = model.generate(prompt, 24, temperature=0)
     counter = CompileCounter()
-    model.decode_step = torch.compile(model.decode_step, backend=counter, fullgraph=True)
-    compiled = model.generate(prompt, 24, temperature=0)
+    step = torch.compile(model.decode_step, backend=counter, fullgraph=True)
+    compiled = model.generate(prompt, 24, temperature=0, decode_step=step)
     assert torch.equal(compiled, eager)
     assert counter.frame_count == 1  # 23 decode steps, one graph: no recompiles
 

@@ -1,11 +1,10 @@
-"""decode_benchmark.py and test.py --bench: the bytes and FLOPs a decode step must move against hand counts and
+"""decode_benchmark.py and its command line, benchmarks/bench_decode.py: the bytes and FLOPs a decode step must move against hand counts and
 torch's FLOP counter, the sweep's rows (finite, interleaved, absorbed only where asked), memory refusals, the
 capacity table, the plot, the command line and its bad flags."""
 import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +12,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import decode_benchmark as bench
-import test as script  # the repo's test.py (pytest.ini puts the repo first on sys.path)
-from attention import MultiHeadLatentAttention
+from benchmarks import bench_decode as script
 from cli import CLIError
+from conftest import REPO
 from model import Transformer
 from model_config import ModelConfig
+from report import table_header
 
-REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ["mla absorbed", "mla decompressed", "mha", "gqa"]
 
 
@@ -62,7 +61,7 @@ HAND_FLOPS = {  # 2 * batch * (weights + layers * heads * positions * multiply-a
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_step_bytes_and_flops_equal_hand_counts(name):
-    kind, absorb = bench.VARIANTS[name]
+    kind, absorb = bench.CONTENDERS[name]
     assert bench.step_bytes(tiny(kind), 2, 16, 4) == HAND_BYTES[kind]
     assert bench.step_flops(tiny(kind), 2, 16, absorb) == HAND_FLOPS[name]
 
@@ -72,16 +71,15 @@ def test_step_bytes_and_flops_match_the_real_model_and_torch_flop_counter(name):
     """Bytes: the model's own parameters (a tied one once) and its real cache. FLOPs: torch's counter over one
     real decode step on SDPA's math backend (whose matmuls it sees), plus the norms' weights, which
     flops_per_token counts as matmul weights, less the zero padding MLA's decompressed values get for SDPA."""
-    kind, absorb = bench.VARIANTS[name]
+    kind, absorb = bench.CONTENDERS[name]
     config = tiny(kind)
     torch.manual_seed(0)
     model = Transformer(config).eval()
-    bench.set_absorb(model, absorb)
     cache = model.make_cache(2, 16)
     weights = sum(p.numel() for p in model.parameters()) * 4
     assert bench.step_bytes(config, 2, 16, 4) == weights + cache.nbytes
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        bench.decode_step(model, torch.zeros(2, 1, dtype=torch.long), cache, 15)
+        model.decode_step(torch.zeros(2, 1, dtype=torch.long), cache, torch.tensor([15]), absorb=absorb)
     norms = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.RMSNorm))
     c = config
     padding = 0 if absorb else 2 * 2 * c.n_head * 16 * c.n_layer * (c.qk_nope_head_dim + c.qk_rope_head_dim - c.v_head_dim)
@@ -92,21 +90,20 @@ def test_step_bytes_and_flops_match_the_real_model_and_torch_flop_counter(name):
 
 def test_sweep_interleaves_every_variant_and_reports_finite_numbers(monkeypatch):
     steps = []  # (attention kind, absorb) of every decode step, in order
-    decode_step = bench.decode_step
+    decode_step = Transformer.decode_step
 
-    def recorded(model, token, cache, position):
-        absorb = {m.absorb for m in model.modules() if isinstance(m, MultiHeadLatentAttention)}
-        steps.append((model.config.attention, absorb != {False}))
-        return decode_step(model, token, cache, position)
+    def recorded(model, token, cache, input_pos, absorb=True):
+        steps.append((model.config.attention, absorb))
+        return decode_step(model, token, cache, input_pos, absorb)
 
-    monkeypatch.setattr(bench, "decode_step", recorded)
+    monkeypatch.setattr(Transformer, "decode_step", recorded)
     rows = bench.benchmark(tiny("mla"), contexts=[8, 16], batches=[1, 2], device="cpu", dtype=torch.float32, steps=2)
     # Each (batch, context) row: 1 untimed + 2 timed rounds, each one step of every variant in turn.
-    assert steps == [bench.VARIANTS[name] for name in VARIANTS] * 3 * 4
+    assert steps == [bench.CONTENDERS[name] for name in VARIANTS] * 3 * 4
     assert [(r["batch"], r["context"], r["attention"]) for r in rows] == [
         (b, c, name) for b in (1, 2) for c in (8, 16) for name in VARIANTS]
     for row in rows:
-        kind, absorb = bench.VARIANTS[row["attention"]]
+        kind, absorb = bench.CONTENDERS[row["attention"]]
         numbers = [v for k, v in row.items() if k not in ("attention", "fits")]
         assert row["fits"] and all(math.isfinite(v) and v > 0 for v in numbers), row
         assert row["ms_per_step_min"] <= row["ms_per_step"] <= row["ms_per_step_max"]
@@ -157,25 +154,26 @@ def plotted_rows() -> list[dict]:
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")  # optional: requirements.txt does not name it
     path = tmp_path / "decode.png"
-    assert bench.plot(plotted_rows(), path) is None
+    bench.plot(plotted_rows(), path, "again")
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert [p.name for p in tmp_path.iterdir()] == ["decode.png"]
 
 
-def test_plot_without_matplotlib_is_one_note(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    note = bench.plot(plotted_rows(), tmp_path / "decode.png")
-    assert note.startswith("note:") and "pip install matplotlib" in note and "\n" not in note
+def test_plot_without_matplotlib_is_one_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # importing it now raises ImportError
+    bench.plot(plotted_rows(), tmp_path / "decode.png", "run it again")
+    note = capsys.readouterr().err
+    assert note.startswith("note:") and "pip install matplotlib, then run it again" in note and note.count("\n") == 1
     assert not any(tmp_path.iterdir())
 
 
 # ---- the command line ---------------------------------------------------------------------------
 
 def test_bench_command_prints_rows_as_they_come_and_json(capsys, tmp_path):
-    script.main(["--bench", "--preset", "tiny", "--contexts", "8", "16", "--steps", "1", "--device", "cpu",
+    script.main(["--preset", "tiny", "--contexts", "8", "16", "--steps", "1", "--device", "cpu",
                  "--plot", str(tmp_path / "d.png"), "--json"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[1] == bench.table_header(bench.SWEEP_COLUMNS).splitlines()[0]
+    assert lines[1] == table_header([heading for heading, _ in bench.SWEEP_COLUMNS]).splitlines()[0]
     assert [line.split(" | ")[0] for line in lines[3:11]] == ["| " + name for name in VARIANTS] * 2
     report = json.loads(lines[-1])
     assert len(report["rows"]) == 8 and report["model_config"]["n_layer"] == 2
@@ -185,10 +183,10 @@ def test_bench_command_prints_rows_as_they_come_and_json(capsys, tmp_path):
 
 
 def test_bench_command_capacity_and_layers(capsys):
-    script.main(["--bench", "--preset", "tiny", "--layers", "1", "--contexts", "16", "--steps", "1", "--device",
+    script.main(["--preset", "tiny", "--layers", "1", "--contexts", "16", "--steps", "1", "--device",
                  "cpu", "--cache-budget-gib", str(10_000 / 2**30), "--json"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[2] == bench.table_header(bench.CAPACITY_COLUMNS).splitlines()[0]
+    assert lines[2] == table_header([heading for heading, _ in bench.CAPACITY_COLUMNS]).splitlines()[0]
     report = json.loads(lines[-1])
     # One layer halves the tiny preset's cache per sequence: MLA 2,560, MHA 8,192, GQA 4,096 bytes.
     assert {r["attention"]: r["batch"] for r in report["rows"]} == {"mla absorbed": 3, "mha": 1, "gqa": 2}
@@ -205,15 +203,16 @@ def test_bench_command_capacity_and_layers(capsys):
     (["--cache-budget-gib", "inf"], "--cache-budget-gib: must be finite"),
     (["--cache-budget-gib", "1", "--batches", "2"], "takes no --batches and no --plot"),
     (["--plot", "/no/such/dir/d.png"], "no such directory"),
-    (["--ckpt", "x.pt"], "not both"),
+    (["--plot", "."], "is a directory"),
+    (["--ckpt", "x.pt"], "not allowed with argument --preset"),
 ])
 def test_bad_bench_flags_are_one_line_errors(flags, message):
     with pytest.raises(CLIError, match=message):
-        script.main(["--bench", "--preset", "tiny", "--device", "cpu", *flags])
+        script.main(["--preset", "tiny", "--device", "cpu", *flags])
 
 
 def test_bad_bench_flag_from_the_shell():
-    proc = subprocess.run([sys.executable, "test.py", "--bench", "--cache-budget-gib", "nan"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "benchmarks/bench_decode.py", "--cache-budget-gib", "nan"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: argument --cache-budget-gib") and len(proc.stderr.splitlines()) == 1

@@ -5,7 +5,6 @@ import math
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +13,13 @@ import torch.nn.functional as F
 
 import test as script  # the repo's test.py (pytest.ini puts the repo first on sys.path)
 from checkpoint import save_checkpoint
-from conftest import require_gpt2_ranks, shakespeare_bytes
+from conftest import REPO, require_gpt2_ranks, shakespeare_bytes
 from cli import CLIError
 from dataset import PreparedData
 from model import Transformer, sample_next
 from model_config import ModelConfig
 from tokenizer import VOCAB_SIZE, Tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
 CORPUS_CHARS = 24_000  # the first lines of Tiny Shakespeare: a val split of a few hundred tokens
 
 

@@ -1,5 +1,6 @@
 """The model core, against slow references written from the paper's equations, in float32 on the CPU."""
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from attention import LayerCache, MultiHeadLatentAttention, apply_rope, rope_tab
 from conftest import KIND_IDS, KINDS, VOCAB, random_tokens, tiny_model
 from model import Transformer
 from model_config import ModelConfig
+
 
 def rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -75,17 +77,21 @@ def test_causality(kind):
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_cached_decode_equals_full_forward(kind, chunk):
+    """A prefill of 10 tokens, then chunks of new tokens through the cache: every position's logits equal the
+    full forward's; with last_only, each call's last position's."""
     model = tiny_model(**kind)
     idx = random_tokens(3, 40)
     full = model(idx)[0]
-    cache = model.make_cache(3, 40)
-    prefill = 10
-    logits = [model(idx[:, :prefill], cache=cache, input_pos=torch.arange(prefill))[0]]
-    for start in range(prefill, 40, chunk):
-        new = idx[:, start:start + chunk]
-        logits.append(model(new, cache=cache, input_pos=torch.arange(start, start + new.size(1)))[0])
-    last_positions = [prefill - 1] + [min(start + chunk, 40) - 1 for start in range(prefill, 40, chunk)]
-    torch.testing.assert_close(torch.cat(logits, dim=1), full[:, last_positions], atol=1e-5, rtol=1e-5)
+    cache, last_cache = model.make_cache(3, 40), model.make_cache(3, 40)
+    starts = [0, *range(10, 40, chunk)]
+    logits, last = [], []
+    for start, end in zip(starts, starts[1:] + [40]):
+        positions = torch.arange(start, end)
+        logits.append(model(idx[:, start:end], cache=cache, input_pos=positions)[0])
+        last.append(model(idx[:, start:end], cache=last_cache, input_pos=positions, last_only=True)[0])
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-5, rtol=1e-5)
+    ends = [end - 1 for end in starts[1:] + [40]]
+    torch.testing.assert_close(torch.cat(last, dim=1), full[:, ends], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
@@ -99,13 +105,20 @@ def test_greedy_generate_equals_full_recompute(kind):
     assert torch.equal(generated, seq)
 
 
-def test_absorbed_decode_equals_decompressed_decode_through_the_model():
+def test_absorbed_decode_equals_decompressed_decode_through_the_model(monkeypatch):
+    """30 greedy tokens decoded by weight absorption, and with absorb=False (decompressing the cache at every
+    step, which never calls attend_absorbed), are the same tokens."""
     model = tiny_model()
     prompt = random_tokens(2, 5)
+    calls = []
+    attend_absorbed = MultiHeadLatentAttention.attend_absorbed
+    monkeypatch.setattr(MultiHeadLatentAttention, "attend_absorbed",
+                        lambda *args: calls.append(1) or attend_absorbed(*args))
     absorbed = model.generate(prompt, max_new_tokens=30, temperature=0)
-    for layer in model.layers:
-        layer.self_attn.absorb = False
-    assert torch.equal(model.generate(prompt, max_new_tokens=30, temperature=0), absorbed)
+    assert len(calls) == 30 * model.config.n_layer  # the prefill of 5 tokens absorbs too
+    decompressed = model.generate(prompt, 30, temperature=0, decode_step=partial(model.decode_step, absorb=False))
+    assert len(calls) == 31 * model.config.n_layer  # the prefill's only
+    assert torch.equal(decompressed, absorbed)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
@@ -257,3 +270,54 @@ def test_training_attention_matches_the_paper_with_dropout_off_in_eval():
     assert torch.equal(model(idx)[0], model(idx)[0])  # eval: no dropout anywhere
     model.train()
     assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, 0], ids=["q-lora", "no-q-lora"])
+def test_stacked_rows_say_which_rows_make_which_part(q_lora_rank):
+    """Zeroing the rows of one block of a stacked weight (MultiHeadLatentAttention.stacked_rows) zeroes exactly
+    that part: one head's q_nope or q_rope; c_KV or k_rope; one head's value (its output), while one head's
+    k_nope changes that head's output only."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", q_lora_rank=q_lora_rank)
+    attn = MultiHeadLatentAttention(config).eval()
+    x = torch.randn(2, 6, config.d_model)
+    cos, sin = rope_tables(config.qk_rope_head_dim, 6, config.rope_theta)
+    cos, sin = cos[None], sin[None]
+    head_outputs = {}
+    attn.o_proj.register_forward_pre_hook(lambda module, args: head_outputs.update(y=args[0]))
+
+    def parts_after_zeroing(name, start, rows):
+        weight = attn.get_parameter(name)
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight[start:start + rows] = 0
+            q_nope, q_rope = attn.queries(x, cos, sin)
+            c_kv, k_rope = attn.latent_kv(x, cos, sin)
+            attn(x, cos, sin)
+            weight.copy_(saved)
+        y = head_outputs["y"].view(2, 6, config.n_head, config.v_head_dim)
+        return {"q_nope": q_nope, "q_rope": q_rope, "c_kv": c_kv, "k_rope": k_rope, "v": y, "k_nope": y}
+
+    reference = parts_after_zeroing("o_proj.weight", 0, 0)  # nothing zeroed
+    stacked = attn.stacked_rows()
+    assert set(stacked) == {"q_b_proj.weight" if q_lora_rank else "q_proj.weight", "kv_a_proj_with_mqa.weight",
+                            "kv_b_proj.weight"}
+    for name, blocks in stacked.items():
+        assert sum(block.rows for block in blocks) == attn.get_parameter(name).size(0)
+        per_head = len(blocks) > 2
+        for index, block in enumerate(blocks):
+            parts = parts_after_zeroing(name, sum(b.rows for b in blocks[:index]), block.rows)
+            changed = parts[block.part]
+            if not per_head:
+                assert not changed.any() and not torch.equal(reference[block.part], changed), (name, block)
+                continue
+            head = index // 2
+            axis = 1 if block.part.startswith("q_") else 2  # (B, H, T, d) queries; (B, T, H, dv) outputs
+            others = [h for h in range(config.n_head) if h != head]
+            mine, theirs = changed.select(axis, head), changed.index_select(axis, torch.tensor(others))
+            assert torch.equal(theirs, reference[block.part].index_select(axis, torch.tensor(others))), (name, block)
+            if block.part == "k_nope":
+                assert not torch.equal(mine, reference[block.part].select(axis, head)), (name, block)
+            else:
+                assert not mine.any(), (name, block)
+    assert [block.rotary for block in stacked["kv_a_proj_with_mqa.weight"]] == [False, True]

@@ -10,15 +10,14 @@ from torch import nn
 
 from checkpoint import load_checkpoint
 from model import Transformer
-from test_train import TINY, assert_same_run, ddp_worker, run_cli, run_config, train_on_one_and_two_processes
-from train import train
-from training import MuonWithAdamW, make_optimizer, train_step
+from optim import MuonWithAdamW, make_optimizer, train_step
+from runs import TINY, assert_same_run, ddp_worker, run_cli, run_config, train_on_one_and_two_processes
+from training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MUON_MATRICES = ("self_attn.q_a_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-STACKED = {"self_attn.q_b_proj": [16, 8] * 4, "self_attn.kv_a_proj_with_mqa": [32, 8],
-           "self_attn.kv_b_proj": [16, 16] * 4}  # rows: each head's nope, rope; W_DKV, W_KR; each head's W_UK, W_UV
+STACKED = ("self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj")  # rows: the model's stacked_rows
 
 
 def random_grads(model: nn.Module, seed: int):
@@ -36,7 +35,8 @@ def test_muon_steps_the_hidden_matrices_and_adamw_the_rest():
     whole = [p for p in optimizer.muon.param_groups[0]["params"] if p in names]
     assert {names[p] for p in whole} == {f"{layer}{m}.weight" for layer in layers for m in MUON_MATRICES}
     assert {names[w]: [b.size(0) for b in blocks] for w, blocks in optimizer.split} == {
-        f"{layer}{m}.weight": rows for layer in layers for m, rows in STACKED.items()}
+        name: [block.rows for block in blocks] for name, blocks in model.stacked_rows().items()}
+    assert set(model.stacked_rows()) == {f"{layer}{m}.weight" for layer in layers for m in STACKED}
     assert len(optimizer.muon.param_groups[0]["params"]) == len(whole) + sum(len(b) for _, b in optimizer.split)
     decay, no_decay = optimizer.adamw.param_groups
     assert [names[p] for p in decay["params"]] == ["embed_tokens.weight"]  # the tied LM head too
@@ -50,11 +50,12 @@ def test_stacked_matrices_step_as_separate_matrices():
     model = Transformer(TINY)
     optimizer = make_optimizer(model, 1e-2, 0.1, fused=False, kind="muon")
     weight = model.layers[0].self_attn.kv_b_proj.weight
-    separate = [nn.Parameter(block.clone()) for block in weight.detach().split(STACKED["self_attn.kv_b_proj"])]
+    rows = [block.rows for block in model.stacked_rows()["layers.0.self_attn.kv_b_proj.weight"]]
+    separate = [nn.Parameter(block.clone()) for block in weight.detach().split(rows)]
     reference = torch.optim.Muon(separate, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     for seed in (0, 1):
         random_grads(model, seed)
-        for p, grad in zip(separate, weight.grad.split(STACKED["self_attn.kv_b_proj"])):
+        for p, grad in zip(separate, weight.grad.split(rows)):
             p.grad = grad.clone()
         optimizer.step()
         reference.step()

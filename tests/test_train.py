@@ -10,10 +10,8 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 from dataclasses import replace
 from pathlib import Path
@@ -21,33 +19,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
+import corpus
 import data_prepare
-from conftest import require_gpt2_ranks, shakespeare_bytes
+import train as train_script
+import training
 from checkpoint import load_checkpoint
 from cli import CLIError
+from conftest import REPO, require_gpt2_ranks, shakespeare_bytes
 from dataset import PreparedData
 from model import Transformer
 from model_config import ModelConfig
-import train as train_script
-import training
-from training import MetricsLog, TrainConfig, lr_at, make_optimizer, train, train_step
+from optim import make_optimizer, train_step
+from runs import (TINY, assert_same_run, assert_same_state, ddp_worker, metrics, run_cli, run_config,
+                  train_on_one_and_two_processes)
+from training import MetricsLog, TrainConfig, train
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = ModelConfig.from_preset("tiny", vocab_size=256, dropout=0.1)  # dropout: resuming must restore its RNG too
-TIMING_FIELDS = ("tokens_per_sec", "mfu")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_config(out_dir, data_dir, **overrides) -> TrainConfig:
-    settings = dict(data_dir=str(data_dir), out_dir=str(out_dir), max_iters=20, lr_decay_iters=20, batch_size=8,
-                    lr=3e-3, min_lr=3e-4, warmup_iters=5, eval_interval=5, eval_iters=2, log_interval=5,
-                    device="cpu", optimizer="adamw")  # test_optimizer.py runs these with muon
-    return TrainConfig(**settings | overrides)
 
 
 @pytest.fixture(scope="module")
@@ -56,45 +47,6 @@ def straight_run(tmp_path_factory, byte_data) -> Path:
     out = tmp_path_factory.mktemp("straight")
     assert train(run_config(out, byte_data), TINY) == 0
     return out
-
-
-def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timing(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in TIMING_FIELDS}
-
-
-def assert_same_state(a, b, where=""):
-    """Equal nested checkpoint contents, tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same_state(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}/{i}")
-    else:
-        assert a == b, where
-
-
-def assert_same_run(resumed: Path, straight: Path, every_line: bool):
-    """Same ckpt.pt and best.pt (weights, optimiser, RNG and data-stream states, step, best val loss), and the
-    same evaluations in metrics.jsonl; every_line: the same training lines too."""
-    for name in ("ckpt.pt", "best.pt"):
-        a, b = load_checkpoint(resumed / name), load_checkpoint(straight / name)
-        assert a["train_config"].pop("resume") and not b["train_config"].pop("resume")
-        for ckpt in (a, b):
-            ckpt["train_config"].pop("out_dir")
-        assert_same_state(a, b, name)
-    lines = [list(map(without_timing, metrics(out))) for out in (resumed, straight)]
-    if not every_line:
-        lines = [[line for line in run if "val_loss" in line] for run in lines]
-    assert lines[0] == lines[1]
 
 
 # ---- schedule and optimiser --------------------------------------------------------------------
@@ -138,20 +90,20 @@ def test_keep_freed_memory_keeps_a_freed_100_mb_block_in_the_heap():
 
 def test_lr_schedule_matches_torch_schedulers():
     """Linear warmup then cosine decay, against torch's LinearLR + CosineAnnealingLR; min_lr after the horizon."""
-    tc = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=80, max_iters=100)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=tc.lr)
+    schedule = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=80, max_iters=100).schedule
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     reference = SequentialLR(optimizer, [LinearLR(optimizer, 1 / 10, 1.0, total_iters=9),
-                                         CosineAnnealingLR(optimizer, T_max=70, eta_min=tc.min_lr)], milestones=[10])
+                                         CosineAnnealingLR(optimizer, T_max=70, eta_min=1e-4)], milestones=[10])
     for step in range(81):
-        assert lr_at(step, tc) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12, abs=0)
+        assert schedule.lr_at(step) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12, abs=0)
         optimizer.step()
         reference.step()
-    assert [lr_at(step, tc) for step in range(80, 100)] == [tc.min_lr] * 20
+    assert [schedule.lr_at(step) for step in range(80, 100)] == [1e-4] * 20
 
 
 def test_weight_decay_applies_to_matrices_only():
     model = Transformer(TINY)
-    decay, no_decay = make_optimizer(model, 1e-3, 0.1, fused=False).param_groups
+    decay, no_decay = make_optimizer(model, 1e-3, 0.1, kind="adamw").param_groups
     names = {p: name for name, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {names[p] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if "norm" in n}
@@ -194,7 +146,7 @@ def test_loss_curve_is_drawn(straight_run):
 def test_without_matplotlib_a_note_says_how_to_get_the_loss_curve(straight_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
     training.plot_losses(straight_run / "metrics.jsonl", tmp_path / "loss.png")
-    note = capsys.readouterr().out
+    note = capsys.readouterr().err
     assert note.startswith("note: matplotlib is not installed, so there is no") and "pip install matplotlib" in note
     assert f"python train.py --resume --out-dir {tmp_path}" in note and not (tmp_path / "loss.png").exists()
 
@@ -204,7 +156,7 @@ def test_default_data_dir_is_prepared_on_first_use(tmp_path, monkeypatch):
     (here from a stand-in for the download), then trained on."""
     require_gpt2_ranks()
     text = shakespeare_bytes(60_000)
-    monkeypatch.setattr(data_prepare.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text))
+    monkeypatch.setattr(corpus.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text))
     monkeypatch.chdir(tmp_path)
     train_script.main(["--preset", "tiny", "--device", "cpu", "--max-iters", "1", "--eval-iters", "1",
                        "--batch-size", "2", "--out-dir", "out"])
@@ -216,7 +168,7 @@ def test_default_data_dir_offline_is_one_line_naming_the_way_out(tmp_path, monke
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(data_prepare.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(corpus.urllib.request, "urlopen", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CLIError, match=r"cannot download Tiny Shakespeare .* data_prepare.py --input PATH --out-dir "):
         train_script.main(["--preset", "tiny", "--device", "cpu", "--max-iters", "1"])
@@ -310,61 +262,6 @@ def test_resuming_another_model_names_the_fields(tmp_path, byte_data, straight_r
 
 # ---- two processes -----------------------------------------------------------------------------
 
-def feed_fixed_batches(rank: int, world_size: int, seeds_file: Path | None = None):
-    """Replace PreparedData.get_batch: call k returns rows [rank * b, (rank + 1) * b) of the k-th fixed
-    (world_size * b)-row batch, so the ranks' batches together are exactly one process's batch with
-    world_size * b rows. Appends the seed of the generator of each train-split batch to seeds_file."""
-    calls = itertools.count()
-
-    def get_batch(self, split, batch_size, block_size, generator, device="cpu"):
-        rows = torch.randint(0, 256, (world_size * batch_size, block_size + 1),
-                             generator=torch.Generator().manual_seed(next(calls)))
-        rows = rows[rank * batch_size:(rank + 1) * batch_size]
-        if seeds_file is not None and split == "train":
-            with open(seeds_file, "a") as f:
-                f.write(f"{generator.initial_seed()}\n")
-        return rows[:, :-1].to(device), rows[:, 1:].to(device)
-
-    PreparedData.get_batch = get_batch
-
-
-def ddp_worker(rank, world_size, port, tc, mc, seeds_dir):
-    """One torchrun-like process: its environment, fixed batches, and train()."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
-    feed_fixed_batches(rank, world_size, Path(seeds_dir) / f"rank{rank}.txt")
-    train(tc, mc)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_on_one_and_two_processes(worker, tmp_path: Path, data_dir: Path, mc: ModelConfig, monkeypatch,
-                                   **overrides) -> tuple[Path, Path]:
-    """3 steps of 2 accumulation micro-steps on feed_fixed_batches' batches: in this process at batch 8, then in
-    two spawned processes running worker (ddp_worker, or a function that calls it) at batch 4, which fail the test
-    if they have not finished after 180 s. Returns the two out dirs; the ranks' seeds are under tmp_path."""
-    settings = dict(max_iters=3, grad_accum=2, eval_interval=3, eval_iters=1, log_interval=1, **overrides)
-    single, double = tmp_path / "one", tmp_path / "two"
-    monkeypatch.setattr(PreparedData, "get_batch", PreparedData.get_batch)  # undone after the test
-    feed_fixed_batches(0, 1)
-    assert train(run_config(single, data_dir, batch_size=8, **settings), mc) == 0
-
-    args = (2, free_port(), run_config(double, data_dir, batch_size=4, **settings), mc, str(tmp_path))
-    processes = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
-    while not processes.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in processes.processes:
-                process.kill()
-            pytest.fail("the DDP processes did not finish in 180 s")
-    return single, double
-
-
 def test_ddp_two_processes_equal_one_with_twice_the_batch(tmp_path, byte_data, monkeypatch):
     """gloo, 2 processes x batch 4 against 1 process x batch 8, with 2 accumulation micro-steps per step (so the
     no_sync path runs) and no dropout. Rank 0 alone writes; each process seeds its streams differently."""
@@ -389,17 +286,12 @@ def test_ddp_two_processes_equal_one_with_twice_the_batch(tmp_path, byte_data, m
 
 # ---- the command line --------------------------------------------------------------------------
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), "--device", "cpu", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
-
-
 def test_cli_resume_takes_the_configs_from_the_checkpoint(tmp_path, straight_run):
     """--resume with only --out-dir and --max-iters: data dir, model and schedule come from ckpt.pt."""
     shutil.copytree(straight_run, tmp_path, dirs_exist_ok=True)
     result = run_cli("--out-dir", tmp_path, "--resume", "--max-iters", 23, "--eval-interval", 3)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("model: ") == 1 and '"vocab_size": 256' in result.stdout
+    assert result.stdout.count("model: ") == 1 and "vocab_size=256," in result.stdout
     ckpt = load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 23 and ckpt["model_config"] == TINY.to_dict()
     assert ckpt["train_config"]["lr_decay_iters"] == 20 and ckpt["train_config"]["eval_interval"] == 3
@@ -410,10 +302,10 @@ def test_cli_resume_takes_the_configs_from_the_checkpoint(tmp_path, straight_run
 def test_lr_defaults_follow_the_optimizer(tmp_path, straight_run):
     """lr: each optimizer's tuned peak (results/muon.md), min_lr a tenth of lr; a checkpoint saved before
     --optimizer existed resumes as the AdamW run it was."""
-    assert (TrainConfig().optimizer, TrainConfig().lr) == ("muon", 3e-3)
-    assert TrainConfig().min_lr == pytest.approx(3e-4, rel=1e-15)
-    assert (TrainConfig(optimizer="adamw").lr, TrainConfig(optimizer="adamw").min_lr) == (1e-3, 1e-4)
-    assert (TrainConfig(lr=5e-3, min_lr=1e-3).min_lr, TrainConfig(lr=2e-3).min_lr) == (1e-3, 2e-3 / 10)
+    assert (TrainConfig().optimizer, TrainConfig().schedule.peak) == ("muon", 3e-3)
+    assert TrainConfig().schedule.floor == pytest.approx(3e-4, rel=1e-15)
+    assert TrainConfig(optimizer="adamw").schedule[:2] == (1e-3, 1e-4)
+    assert (TrainConfig(lr=5e-3, min_lr=1e-3).schedule.floor, TrainConfig(lr=2e-3).schedule.floor) == (1e-3, 2e-3 / 10)
     ckpt = load_checkpoint(straight_run / "ckpt.pt")
     del ckpt["train_config"]["optimizer"]
     torch.save(ckpt, tmp_path / "ckpt.pt")

@@ -19,8 +19,8 @@ from cli import CLIError
 from model import Transformer
 from model_config import ModelConfig
 from training import TrainConfig, check_start
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ModelConfig.from_preset("tiny", vocab_size=128)
 
 
@@ -165,7 +165,7 @@ def test_init_from_at_a_longer_context_with_yarn_loads_the_weights(tmp_path, cap
 
 def test_checkpoints_from_before_yarn_resume_with_plain_rope(tmp_path):
     old_config = {k: v for k, v in TINY.to_dict().items() if k not in ("rope_scaling", "rope_factor")}
-    ckpt = {"optimizer": None, "scaler": None, "train_config": {}, "step": 0, "best_val_loss": None,
+    ckpt = {"model": {}, "optimizer": None, "scaler": None, "train_config": {}, "step": 0, "best_val_loss": None,
             "tokens_seen": 0, "rng": None, "model_config": old_config}
     tc = TrainConfig(out_dir=str(tmp_path), resume=True, optimizer="adamw")
     check_start(tc, TINY, ckpt)
