@@ -39,10 +39,6 @@ class Tokenizer:
         and parallel on threads (tiktoken releases the GIL while encoding)."""
         return self._enc.encode_to_numpy(text, disallowed_special=())  # no special tokens allowed: all is text
 
-    def encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
-        """Token ids of each text, encoded on num_threads threads."""
-        return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
-
     def decode(self, ids) -> str:
         """Text of token ids; bytes that are not valid UTF-8 on their own become U+FFFD."""
         return self._enc.decode(ids)

@@ -85,7 +85,6 @@ def test_endoftext_in_text_is_plain_text(tok):
     assert tokenizer.EOT_ID not in ids
     assert tok.decode(ids) == text
     assert tok.encode_to_numpy(text).tolist() == ids
-    assert tok.encode_batch([text, "more"], num_threads=2) == [ids, tok.encode("more")]
 
 
 def test_explicit_ranks_file_loads_offline_without_writing_a_cache(tok, tmp_path, monkeypatch):

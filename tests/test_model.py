@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from attention import LayerCache, MultiHeadLatentAttention, apply_rope, rope_tables
 from conftest import KIND_IDS, KINDS, VOCAB, random_tokens, tiny_model
 from model import Transformer
-from model_config import ModelConfig
+from model_config import PRESETS, VARIANTS, ModelConfig
 
 
 def rms_norm(x, weight, eps):
@@ -212,13 +212,21 @@ def test_config_dict_round_trip_and_unknown_fields():
         ModelConfig.from_preset("huge")
 
 
-@pytest.mark.parametrize("preset", ["tiny", "shakespeare", "gpt2-small"])
-@pytest.mark.parametrize("kind", ["mha", "gqa"])
-def test_every_preset_has_a_like_for_like_baseline(preset, kind):
+ATTENTION_FIELDS = {"attention", "n_kv_head", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                    "v_head_dim"}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_of_every_preset_differs_from_it_in_attention_only(preset, variant):
+    """The like-for-like baselines: the same depth, width, heads, FFN, vocabulary, context, RoPE and dropout;
+    every baseline caches more per token than MLA."""
     mla = ModelConfig.from_preset(preset)
-    baseline = ModelConfig.from_preset(preset, attention=kind)
-    assert (baseline.n_layer, baseline.d_model, baseline.n_head) == (mla.n_layer, mla.d_model, mla.n_head)
-    assert baseline.kv_cache_values_per_token_per_layer() > mla.kv_cache_values_per_token_per_layer()
+    other = ModelConfig.from_preset(preset, **VARIANTS[variant])
+    differing = {name for name, value in other.to_dict().items() if mla.to_dict()[name] != value}
+    assert differing <= ATTENTION_FIELDS
+    if other.attention != "mla":
+        assert other.kv_cache_values_per_token_per_layer() > mla.kv_cache_values_per_token_per_layer()
 
 
 def test_generate_past_block_size_is_a_clear_error():
@@ -264,7 +272,7 @@ def test_casting_the_model_keeps_rope_tables_in_float32():
     assert "rope" not in "".join(name for name, _ in model.named_buffers())  # nothing a cast could reach
 
 
-def test_training_attention_matches_the_paper_with_dropout_off_in_eval():
+def test_dropout_acts_in_training_only():
     model = tiny_model(dropout=0.5)
     idx = random_tokens(1, 16)
     assert torch.equal(model(idx)[0], model(idx)[0])  # eval: no dropout anywhere
