@@ -178,7 +178,8 @@ def test_default_data_dir_offline_is_one_line_naming_the_way_out(tmp_path, monke
 def test_resume_is_bitwise_exact(tmp_path, byte_data, straight_run):
     """10 steps, then resumed to 20: the same weights, optimiser, RNG states, best.pt and log as 20 straight."""
     assert train(run_config(tmp_path, byte_data, max_iters=10), TINY) == 0
-    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 10
+    saved = load_checkpoint(tmp_path / "ckpt.pt")
+    assert saved["step"] == 10 and saved.keys() - {"format_version"} == set(training.Trainer.STATE)
     assert train(run_config(tmp_path, byte_data, resume=True), TINY) == 0
     assert_same_run(tmp_path, straight_run, every_line=True)
 
