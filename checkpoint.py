@@ -17,11 +17,8 @@ CHECKPOINT_FORMAT_VERSION = 1
 def save_checkpoint(state: dict, path) -> None:
     """Write state plus the format version to path atomically, so a crash mid-write leaves any previous file
     at path intact."""
-    try:
-        with atomic_write(path) as tmp:
-            torch.save({**state, "format_version": CHECKPOINT_FORMAT_VERSION}, tmp)
-    except OSError as err:
-        raise CLIError(f"could not write {path}: {err.strerror or err}") from None
+    with atomic_write(path) as tmp:
+        torch.save({**state, "format_version": CHECKPOINT_FORMAT_VERSION}, tmp)
 
 
 def load_checkpoint(path, mmap: bool = False) -> dict:
@@ -39,6 +36,14 @@ def load_checkpoint(path, mmap: bool = False) -> dict:
     if ckpt["format_version"] != CHECKPOINT_FORMAT_VERSION:
         raise CLIError(f"checkpoint {path} has format version {ckpt['format_version']!r}; "
                        f"this code reads version {CHECKPOINT_FORMAT_VERSION}")
+    weights = ckpt["model"]
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise CLIError(f"checkpoint {path}: model must map weight names to tensors")
+    if not isinstance(ckpt["model_config"], dict):
+        raise CLIError(f"checkpoint {path}: model_config must be a dict of ModelConfig fields")
+    if not isinstance(ckpt.get("train_config", {}), dict):
+        raise CLIError(f"checkpoint {path}: train_config must be a dict of TrainConfig fields")
     return ckpt
 
 
@@ -56,9 +61,13 @@ def read_model_config(path) -> ModelConfig:
 
 
 def model_from_checkpoint(ckpt: dict) -> Transformer:
-    """The Transformer a loaded checkpoint describes, with its weights, on the CPU in float32."""
+    """The Transformer a loaded checkpoint describes, with its weights, on the CPU in float32. Weights that are
+    not all finite (a run that diverged) are refused: nothing sensible comes of evaluating or sampling them."""
     model = Transformer(model_config_of(ckpt))
     load_weights(model, ckpt["model"], "the checkpoint's weights do not fit its model_config")
+    broken = next((name for name, weight in model.state_dict().items() if not torch.isfinite(weight).all()), None)
+    if broken is not None:
+        raise CLIError(f"the checkpoint's weights are not all finite (nan or inf in {broken}, the first)")
     return model
 
 

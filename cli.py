@@ -1,16 +1,35 @@
-"""What every command-line script here shares: flags whose --help shows their defaults, bad input as one line on
-stderr and a non-zero exit, and files written atomically."""
+"""What every command-line script here shares: flags whose --help shows their defaults and check their domains,
+bad input as one line on stderr and a non-zero exit, the one JSON reader, values read from files checked by type,
+files written atomically (and any failure to write them as one line), and directories one process owns."""
 import argparse
+import dataclasses
 import errno
+import json
 import math
 import os
+import signal
 import sys
+import typing
 from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: directories are not locked
+    fcntl = None
 
 
 class CLIError(Exception):
     """A problem with the user's input or files. Reported as one line, never as a traceback."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised wherever the process is (as Ctrl-C raises KeyboardInterrupt), so that the same cleanup runs:
+    temporary files are removed and nothing half-written is left."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
 
 
 # errno values of a path the user can fix: no permission, a file in the way of a directory (or the reverse), a
@@ -21,18 +40,28 @@ PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EIS
 def run(main, memory_hint: str = "use smaller sizes"):
     """Call main() and turn what the user can fix into one 'error: ...' line and exit code 2: a CLIError, a path
     that cannot be written (or read), and running out of memory (memory_hint says which flags to lower).
-    Ctrl-C is exit code 130."""
+    Ctrl-C is exit code 130 and SIGTERM 143, after the same cleanup; a closed pipe on stdout (| head) ends
+    quietly."""
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe
+        sys.exit(128 + signal.SIGPIPE)
     except Exception as err:
         message = user_error(err, memory_hint)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def user_error(err: Exception, memory_hint: str) -> str | None:
@@ -41,12 +70,21 @@ def user_error(err: Exception, memory_hint: str) -> str | None:
         return str(err)
     if isinstance(err, OSError) and err.errno in PATH_ERRORS:
         in_the_way = " (a file is where a directory should be)" if err.errno in (errno.EEXIST, errno.ENOTDIR) else ""
-        return f"{err.filename}: {err.strerror}{in_the_way}"
+        return f"{err.filename or 'a file'}: {err.strerror}{in_the_way}"
     out_of_memory = (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
                      or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)))
     if out_of_memory:
-        return f"out of memory ({str(err).splitlines()[0][:120] or type(err).__name__}); {memory_hint}"
+        return f"out of memory ({first_line(err, 200)}); {memory_hint}"
     return None
+
+
+def first_line(err: BaseException, width: int) -> str:
+    """The first line of err's message, cut at a word boundary to at most width characters ('...' marks a cut);
+    its type's name when it has no message."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if len(line) <= width:
+        return line
+    return line[:width].rsplit(" ", 1)[0] + " ..."
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -96,6 +134,77 @@ positive_int = number(int, minimum=1)
 finite_float = number(float)
 positive_float = number(float, above=0)
 non_negative_float = number(float, minimum=0)
+MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed takes
+seed_int = number(int, minimum=0, maximum=MAX_SEED)
+
+
+# ---- values read from files ---------------------------------------------------------------------
+
+def parse_json(text: str | bytes, where: str):
+    """The value of the JSON document text; anything else (bad syntax, bytes that are not UTF-8, nesting deeper
+    than Python's parser goes) is a CLIError naming where."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CLIError(f"{where}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"{where}: not UTF-8 text") from None
+    except RecursionError:
+        raise CLIError(f"{where}: JSON nested too deeply to read") from None
+
+
+def read_json(path, kind=dict):
+    """The JSON value in the file at path, which must be of kind (a dict: an object); one line if it is not."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"{path} does not exist" if not path.exists() else f"{path} is not a regular file")
+    try:
+        data = parse_json(path.read_bytes(), str(path))
+    except OSError as err:
+        raise CLIError(f"{path}: {err.strerror}") from None
+    if not isinstance(data, kind):
+        raise CLIError(f"{path} does not hold a JSON {'object' if kind is dict else kind.__name__}")
+    return data
+
+
+def is_of(value, kind) -> bool:
+    """isinstance for values read from files: a bool is no int, an int is a float, a float must be finite."""
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def check_field_types(config) -> None:
+    """Raise ValueError naming the first field of the dataclass instance config whose value is not of its
+    annotated type (see is_of; "X | None" takes either)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kinds = typing.get_args(f.type) or (f.type,)
+        if not any(is_of(value, kind) for kind in kinds):
+            expected = " or ".join("None" if kind is type(None) else f"a finite {kind.__name__}"
+                                   if kind is float else f"a {kind.__name__}" for kind in kinds)
+            raise ValueError(f"{f.name} must be {expected}, got {value!r}")
+
+
+KIND_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "an object",
+              list: "a list"}
+
+
+def require(value, kind, where: str, minimum=None):
+    """value, if it is of kind (is_of) and at least minimum; otherwise a CLIError naming where it was read."""
+    if value is None:
+        raise CLIError(f"{where} is missing (or null)")
+    if not is_of(value, kind):
+        raise CLIError(f"{where} must be {KIND_NAMES.get(kind, kind.__name__)}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise CLIError(f"{where} must be at least {minimum}, got {value!r}")
+    return value
 
 
 def refuse_overwrite(directory, names, force: bool, what: str) -> None:
@@ -111,6 +220,31 @@ def refuse_overwrite(directory, names, force: bool, what: str) -> None:
     if existing and not force:
         raise CLIError(f"{directory} already holds {what} ({', '.join(existing)}); pass --force to replace "
                        f"{'it' if len(existing) == 1 else 'them'}")
+
+
+# ---- files and directories written ---------------------------------------------------------------
+
+@contextmanager
+def owned_directory(path, what: str = "this directory"):
+    """Create the directory path if needed, and own it while the body runs: an exclusive lock (flock) that a
+    second process asking for it is refused, in one line, instead of both writing. A directory created here and
+    still empty at the end (nothing was written) is removed."""
+    path = Path(path)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CLIError(f"{path} is in use by another process writing {what}; wait for it to finish, or "
+                               "choose another directory") from None
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 @contextmanager
@@ -135,13 +269,39 @@ def atomic_write_all(paths):
         for tmp in temps:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~current_umask())  # readable as the user's other files are (some writers use 0600)
         for tmp, path in zip(temps, paths):
             os.replace(tmp, path)
             renamed.append(path)
-    except BaseException:
+    except BaseException as err:
         for path in renamed:
             path.unlink()
+        if is_write_failure(err):
+            where = paths[0] if len(paths) == 1 else f"{paths[0].parent}/{{{', '.join(p.name for p in paths)}}}"
+            raise CLIError(f"could not write {where}: {write_failure(err, paths[0].parent)}") from None
         raise
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """Whether err is a failure to write a file, however the writing library reports it: an OSError, torch.save's
+    RuntimeError, safetensors' SafetensorError."""
+    return isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError"
+
+
+def write_failure(err: BaseException, directory: Path) -> str:
+    """What went wrong, in a few words, and how full the disk is when that may be why."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err, 160)
+    try:
+        free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+    except OSError:
+        return reason
+    return reason if free > 1 << 30 else f"{reason} ({free / 2**20:,.1f} MiB free on that disk)"

@@ -13,6 +13,7 @@ resumes where it stopped and skips what is done.
 import functools
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,9 +23,10 @@ import torch
 
 import tokenizer
 from checkpoint import load_checkpoint, model_from_checkpoint
-from cli import ArgumentParser, CLIError, atomic_write, number, positive_int, run
+from cli import (ArgumentParser, CLIError, atomic_write, number, owned_directory, positive_int, read_json, require, run,
+                 seed_int)
 from dataset import PreparedData
-from decode_benchmark import benchmark
+from decode_benchmark import MEMORY_MARGIN, available_memory, benchmark, cache_bytes
 from evaluation import evaluate
 from model import Transformer
 from model_config import PRESETS, VARIANTS, ModelConfig
@@ -48,7 +50,7 @@ def run_variant(name: str, mc: ModelConfig, tc: TrainConfig, bench_context: int)
     run_dir = Path(tc.out_dir)
     result_path = run_dir / "result.json"
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        return read_json(result_path)
     tc = replace(tc, resume=(run_dir / "ckpt.pt").exists())
     wall_seconds = timed_training(tc, mc, run_dir / "wall_seconds.json")
     device = pick_device(tc.device)  # where it trained
@@ -69,12 +71,16 @@ def run_variant(name: str, mc: ModelConfig, tc: TrainConfig, bench_context: int)
 def timed_training(tc: TrainConfig, mc: ModelConfig, clock_path: Path) -> float:
     """Train, adding this call's seconds to those recorded in clock_path by earlier, interrupted calls.
     Returns the run's total; a run stopped by a signal ends the study (exit 128 + signal)."""
-    earlier = json.loads(clock_path.read_text())["seconds"] if clock_path.exists() else 0.0
+    earlier = 0.0
+    if clock_path.exists():
+        earlier = require(read_json(clock_path).get("seconds"), float, f"{clock_path}: seconds", minimum=0)
     start = time.perf_counter()
-    stopped_by = train(tc, mc)
+    stopped_by = train(tc, mc, force=not tc.resume)  # without ckpt.pt, what a crashed start left is not a run
     total = earlier + time.perf_counter() - start
     write_json_atomic(clock_path, {"seconds": total})
     if stopped_by:
+        print("run the same command again to continue: finished runs are skipped and this one resumes",
+              file=sys.stderr)
         raise SystemExit(128 + stopped_by)
     return total
 
@@ -170,7 +176,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="shakespeare", help="model preset of every variant")
     p.add_argument("--out-dir", default="out/study", help="where the runs, study.md and study.json go")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="variants to run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338], help="seeds each variant trains with")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[1337, 1338], help="seeds each variant trains with")
     p.add_argument("--bench-context", type=number(int, minimum=2), default=2048,
                    help="context of the decode benchmark")
     for flag in ("--max-iters", "--eval-interval", "--eval-iters"):
@@ -186,7 +192,7 @@ def refuse_other_settings(out: Path, settings: dict) -> None:
     if not path.exists():
         write_json_atomic(path, settings)
         return
-    recorded = json.loads(path.read_text())
+    recorded = read_json(path)
     diffs = [f"{key} {recorded.get(key)!r} there, {value!r} now" for key, value in settings.items()
              if recorded.get(key) != value]
     if diffs:
@@ -194,8 +200,20 @@ def refuse_other_settings(out: Path, settings: dict) -> None:
                        "these: choose another --out-dir")
 
 
+def check_bench_fits(config: ModelConfig, context: int, device: str) -> None:
+    """Refuse, before anything trains, a --bench-context whose decode caches would not fit in memory here."""
+    needs = max(cache_bytes(replace(config, **VARIANTS[variant]), 1, context, 4) for variant in ("mla", "mha", "gqa"))
+    available = available_memory(torch.device(device))
+    if available is not None and needs + MEMORY_MARGIN > available:
+        raise CLIError(f"--bench-context {context}: a batch-1 float32 decode cache of that length needs "
+                       f"{needs / 2**30:,.1f} GiB and {available / 2**30:,.1f} GiB are free here; choose a shorter one")
+
+
 def study_configs(args) -> dict[tuple[str, int], tuple[ModelConfig, TrainConfig]]:
     """(variant, seed) -> the run's configs, all built (and so checked) before anything trains."""
+    for flag, values in (("--seeds", args.seeds), ("--variants", args.variants)):
+        if len(set(values)) < len(values):
+            raise CLIError(f"{flag} names {', '.join(map(str, values))}: each only once")
     train_overrides = {k: getattr(args, k) for k in ("max_iters", "eval_interval", "eval_iters", "optimizer")
                        if getattr(args, k) is not None}
     try:
@@ -210,11 +228,17 @@ def study_configs(args) -> dict[tuple[str, int], tuple[ModelConfig, TrainConfig]
 def main(argv=None):
     args = parse_args(argv)
     runs = study_configs(args)
-    if pick_device(next(iter(runs.values()))[1].device) == "cpu":
+    device = pick_device(next(iter(runs.values()))[1].device)
+    if device == "cpu":
         keep_freed_memory()  # as train.py does
     PreparedData(args.data_dir)  # fail now, not after the first run, if the data is missing
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_bench_fits(ModelConfig.from_preset(args.preset), args.bench_context, device)
+    with owned_directory(args.out_dir, "a study") as out:
+        study(args, runs, out)
+
+
+def study(args, runs: dict, out: Path) -> None:
+    """Train, evaluate and benchmark every run of runs in the study directory out, then write its table."""
     _, tc = next(iter(runs.values()))
     training = {k: v for k, v in asdict(tc).items() if k not in ("seed", "out_dir")}
     refuse_other_settings(out, {"preset": args.preset, "bench_context": args.bench_context, **training})

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from cli import ArgumentParser, CLIError, atomic_write_all, refuse_overwrite, run
+from cli import ArgumentParser, CLIError, atomic_write_all, owned_directory, read_json, refuse_overwrite, require, run
 from model import RowBlock, Transformer
 from model_config import ModelConfig
 from tokenizer import EOT_ID
@@ -65,6 +65,15 @@ TOKENIZER_NOTE = ("GPT-2 BPE (tiktoken r50k_base, the same as Hugging Face's 'gp
 # transformers' DeepseekV3Config defaults, for the flags a config.json may leave out
 HF_DEFAULTS = {"first_k_dense_replace": 3, "rope_interleave": True, "tie_word_embeddings": False,
                "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False, "rope_theta": 10000.0}
+# The kind of every config.json field import reads (see HF_REQUIRED for those that must be there).
+HF_FIELD_KINDS = {key: int for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                       "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+                                       "first_k_dense_replace")}
+HF_FIELD_KINDS |= {"rope_interleave": bool, "tie_word_embeddings": bool, "attention_bias": bool, "rms_norm_eps": float,
+                   "rope_theta": float, "hidden_act": str, "rope_parameters": dict, "rope_scaling": dict}
+YARN_FIELD_KINDS = {"factor": float, "original_max_position_embeddings": int, "beta_fast": float, "beta_slow": float,
+                    "mscale": float, "mscale_all_dim": float, "rope_theta": float, "truncate": bool}
 HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                "max_position_embeddings")
@@ -145,14 +154,23 @@ def from_hf_weights(hf_weights: dict[str, torch.Tensor], config: ModelConfig, in
     return state
 
 
-def load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor in hf_dir/model.safetensors (save_pretrained writes one file up to 50 GB)."""
+def load_hf_weights(hf_dir: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Every tensor in hf_dir/model.safetensors (save_pretrained writes one file up to 50 GB). Its header is read
+    first, and a config whose weights could not be in the file (at one byte each) is refused before anything is
+    loaded or built: a config.json of two million layers fails here at once."""
     st = safetensors_torch()
     path = hf_dir / "model.safetensors"
     if not path.is_file():
         raise CLIError(f"{path} does not exist")
     try:
+        with st.safe_open(path, framework="pt"):  # reads and checks the header only
+            pass
+        if config.num_params() > path.stat().st_size:
+            raise CLIError(f"config.json describes {config.num_params():,} weights, more than the "
+                           f"{path.stat().st_size:,} bytes of {path} can hold")
         return st.load_file(path)
+    except CLIError:
+        raise
     except Exception as err:  # safetensors reports a bad file as SafetensorError, OSError or ValueError
         raise CLIError(f"{path} is not a readable safetensors file ({type(err).__name__})") from None
 
@@ -216,6 +234,9 @@ def from_hf_rope(rope: dict) -> dict:
     missing = [key for key in ("factor", "original_max_position_embeddings") if rope.get(key) is None]
     if missing:
         raise CLIError(f"RoPE scaling 'yarn' needs {' and '.join(missing)} in config.json")
+    for key, kind in YARN_FIELD_KINDS.items():
+        if rope.get(key) is not None:
+            require(rope[key], kind, f"config.json: rope {key}")
     if rope.get("attention_factor") is not None or rope.get("truncate", True) is not True:
         raise CLIError("RoPE scaling 'yarn' with an explicit attention_factor or truncate false does not convert: "
                        "this project derives them as DeepSeek does")
@@ -238,10 +259,10 @@ def from_hf_config(hf: dict) -> tuple[ModelConfig, bool]:
     if missing:
         raise CLIError(f"config.json lacks {', '.join(missing)}")
     hf = {**HF_DEFAULTS, **hf}
-    for key in (*HF_REQUIRED, "first_k_dense_replace"):
-        value = hf[key]
-        if not (isinstance(value, int) and not isinstance(value, bool) or key == "q_lora_rank" and value is None):
-            raise CLIError(f"config.json: {key} must be an integer, got {value!r}")
+    for key, kind in HF_FIELD_KINDS.items():
+        if not (key == "q_lora_rank" and hf[key] is None or key in ("rope_parameters", "rope_scaling")
+                and hf.get(key) is None):
+            require(hf[key], kind, f"config.json: {key}")
     dense = hf["first_k_dense_replace"]
     if dense < hf["num_hidden_layers"]:
         raise CLIError(f"this DeepSeek-V3 model has mixture-of-experts layers (first_k_dense_replace {dense} < "
@@ -267,26 +288,14 @@ def from_hf_config(hf: dict) -> tuple[ModelConfig, bool]:
     return config, bool(hf["rope_interleave"])
 
 
-def read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CLIError(f"{path} does not exist") from None
-    except (OSError, ValueError) as err:
-        raise CLIError(f"{path} is not readable JSON ({type(err).__name__})") from None
-    if not isinstance(data, dict):
-        raise CLIError(f"{path} does not hold a JSON object")
-    return data
-
-
 # ---- the two directions -------------------------------------------------------------------------
 
 EXPORT_FILES = ("model.safetensors", "config.json")  # what export writes, config.json last
 
 
 def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> None:
-    """Project checkpoint -> out_dir/{model.safetensors, config.json}. Other files in out_dir are left alone."""
+    """Project checkpoint -> out_dir/{model.safetensors, config.json}. Other files in out_dir are left alone;
+    one process at a time writes into out_dir."""
     out_dir = Path(out_dir)
     refuse_overwrite(out_dir, EXPORT_FILES, force, "an export")
     model = model_from_checkpoint(load_checkpoint(ckpt_path))
@@ -298,11 +307,12 @@ def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> None:
                        f"{HF_LATENT_NORM_EPS} in q_a_layernorm and kv_a_layernorm: its logits would differ")
     st = safetensors_torch()
     weights, hf_config = to_hf_weights(model), to_hf_config(model.config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write_all([out_dir / name for name in EXPORT_FILES]) as (weights_tmp, config_tmp):
-        st.save_file(weights, weights_tmp, metadata={"format": "pt"})
-        config_tmp.write_text(json.dumps(hf_config, indent=2) + "\n")
-        (out_dir / "config.json").unlink(missing_ok=True)  # both written: never new weights beside an old config
+    with owned_directory(out_dir, "an export"):
+        refuse_overwrite(out_dir, EXPORT_FILES, force, "an export")  # again, now that no one else writes here
+        with atomic_write_all([out_dir / name for name in EXPORT_FILES]) as (weights_tmp, config_tmp):
+            st.save_file(weights, weights_tmp, metadata={"format": "pt"})
+            config_tmp.write_text(json.dumps(hf_config, indent=2) + "\n")
+            (out_dir / "config.json").unlink(missing_ok=True)  # both written: never new weights beside an old one
 
 
 def import_checkpoint(hf_dir, out_path, force: bool = False) -> None:
@@ -311,8 +321,11 @@ def import_checkpoint(hf_dir, out_path, force: bool = False) -> None:
     refuse_overwrite(out_path.parent, [out_path.name], force, "a checkpoint")
     if not hf_dir.is_dir():
         raise CLIError(f"{hf_dir} is not a directory")
+    inputs = [hf_dir / name for name in EXPORT_FILES]
+    if out_path.exists() and any(out_path.resolve() == path.resolve() for path in inputs if path.exists()):
+        raise CLIError(f"--out {out_path} is one of the files import reads; choose another path")
     config, interleaved = from_hf_config(read_json(hf_dir / "config.json"))
-    state = from_hf_weights(load_hf_weights(hf_dir), config, interleaved)
+    state = from_hf_weights(load_hf_weights(hf_dir, config), config, interleaved)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"model": state, "model_config": config.to_dict()}, out_path)
 

@@ -66,6 +66,8 @@ def expand_inputs(paths) -> list[Path]:
             files += found
         elif not path.exists():
             raise cli.CLIError(f"{path}: no such file or directory")
+        elif not path.is_file():  # a named pipe or a device would block, or never end
+            raise cli.CLIError(f"{path}: not a regular file")
         elif not path.name.endswith(INPUT_SUFFIXES):
             raise cli.CLIError(f"{path}: unsupported file type (use {', '.join(INPUT_SUFFIXES)} or a directory)")
         else:
@@ -74,43 +76,48 @@ def expand_inputs(paths) -> list[Path]:
 
 
 def prepare(files: list[Path], out_dir: Path, tok: tokenizer.Tokenizer, val_fraction: float, seed: int,
-            workers: int) -> dict:
-    """Tokenize files into out_dir/train.bin, val.bin and meta.json; returns the meta. Leaves nothing on failure.
+            workers: int, force: bool = False) -> dict:
+    """Tokenize files into out_dir/train.bin, val.bin and meta.json, which out_dir must not hold already unless
+    force; returns the meta. Leaves nothing on failure; one process at a time writes into out_dir.
 
     Memory stays bounded whatever the corpus size: files are read CHUNK_BYTES at a time, and all documents'
     tokens stream into one temporary file; only each document's token count stays in memory (a few int64s per
     document). Once every count is known, the split is decided (exact token shares, documents kept whole) and
     carried out by copying ranges of that file into the split files; see _write_splits.
     """
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stream = out_dir / ".tokens.tmp"
-    try:
-        with cli.atomic_write_all([out_dir / name for name in DATA_FILES]) as temps:
-            temps = dict(zip(DATA_FILES, temps))
-            digests = [hashlib.sha256() for _ in files]
-            doc_tokens, text_bytes = _encode_documents(files, digests, stream, tok, workers)
-            ranges = _split_ranges(doc_tokens, val_fraction, seed)
-            split_files = {split: temps[f"{split}.bin"] for split in SPLITS}
-            meta = {
-                "format_version": DATA_FORMAT_VERSION,
-                "tokenizer": tokenizer.NAME,
-                "vocab_size": tokenizer.VOCAB_SIZE,
-                "eot_id": tokenizer.EOT_ID,
-                "dtype": "uint16",
-                "documents": len(doc_tokens),
-                "splits": _write_splits(stream, split_files, ranges, text_bytes, tok),
-                "split": {"val_fraction": val_fraction, "seed": seed},
-                "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": digest.hexdigest()}
-                            for p, digest in zip(files, digests)],
-            }
-            temps["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
-            (out_dir / "meta.json").unlink(missing_ok=True)  # never new .bin files beside an old meta.json
-        return meta
-    finally:
-        stream.unlink(missing_ok=True)
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+    with cli.owned_directory(out_dir, "prepared data"):
+        cli.refuse_overwrite(out_dir, DATA_FILES, force, "prepared data")
+        stream = out_dir / ".tokens.tmp"
+        try:
+            return _prepare_into(files, out_dir, stream, tok, val_fraction, seed, workers)
+        finally:
+            stream.unlink(missing_ok=True)
+
+
+def _prepare_into(files: list[Path], out_dir: Path, stream: Path, tok, val_fraction: float, seed: int,
+                  workers: int) -> dict:
+    """prepare()'s work, with stream as the temporary file of every document's tokens."""
+    with cli.atomic_write_all([out_dir / name for name in DATA_FILES]) as temps:
+        temps = dict(zip(DATA_FILES, temps))
+        digests = [hashlib.sha256() for _ in files]
+        doc_tokens, text_bytes = _encode_documents(files, digests, stream, tok, workers)
+        ranges = _split_ranges(doc_tokens, val_fraction, seed)
+        split_files = {split: temps[f"{split}.bin"] for split in SPLITS}
+        meta = {
+            "format_version": DATA_FORMAT_VERSION,
+            "tokenizer": tokenizer.NAME,
+            "vocab_size": tokenizer.VOCAB_SIZE,
+            "eot_id": tokenizer.EOT_ID,
+            "dtype": "uint16",
+            "documents": len(doc_tokens),
+            "splits": _write_splits(stream, split_files, ranges, text_bytes, tok),
+            "split": {"val_fraction": val_fraction, "seed": seed},
+            "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": digest.hexdigest()}
+                        for p, digest in zip(files, digests)],
+        }
+        temps["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
+        (out_dir / "meta.json").unlink(missing_ok=True)  # never new .bin files beside an old meta.json
+    return meta
 
 
 def _encode_documents(files, digests, stream_path: Path, tok, workers: int) -> tuple[np.ndarray, int]:
@@ -268,11 +275,10 @@ def _lines(blocks):
 
 def _jsonl_text(where: str, offset: int, line: bytes) -> str:
     try:
-        record = json.loads(line.decode("utf-8"))
+        line = line.decode("utf-8")
     except UnicodeDecodeError as err:
         raise cli.CLIError(f"{where}: invalid UTF-8 at byte {offset + err.start}") from None
-    except json.JSONDecodeError as err:
-        raise cli.CLIError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    record = cli.parse_json(line, where)
     text = record.get("text") if isinstance(record, dict) else None
     if not isinstance(text, str):
         raise cli.CLIError(f'{where}: no "text" string field')

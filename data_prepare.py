@@ -39,7 +39,7 @@ def main(argv=None):
     cli.refuse_overwrite(out_dir, corpus.DATA_FILES, args.force, "prepared data")
     files = corpus.expand_inputs(args.input) if args.input else [corpus.fetch_shakespeare(out_dir / "input.txt")]
     tok = tokenizer.Tokenizer(args.tokenizer_file)
-    meta = corpus.prepare(files, out_dir, tok, args.val_fraction, args.seed, args.workers)
+    meta = corpus.prepare(files, out_dir, tok, args.val_fraction, args.seed, args.workers, args.force)
     print(f"{out_dir}: {corpus.summary(meta)}")
 
 
@@ -49,7 +49,7 @@ def parse_args(argv):
                         "(default: download Tiny Shakespeare)")
     parser.add_argument("--out-dir", metavar="DIR", help=f"output directory (without --input: {corpus.SHAKESPEARE_DIR})")
     parser.add_argument("--val-fraction", type=cli.finite_float, default=corpus.VAL_FRACTION, help="share of tokens for val")
-    parser.add_argument("--seed", type=int, default=corpus.SPLIT_SEED, help="seed of the document shuffle")
+    parser.add_argument("--seed", type=cli.seed_int, default=corpus.SPLIT_SEED, help="seed of the document shuffle")
     parser.add_argument("--workers", type=cli.positive_int, default=os.cpu_count() or 1, help="encoding threads")
     parser.add_argument("--force", action="store_true", help="replace an already prepared --out-dir's three files "
                         "(nothing else in it)")

@@ -1,6 +1,5 @@
 """The prepared-data format that data_prepare.py writes and training and evaluation read: meta.json beside flat
 uint16 token files train.bin and val.bin (results/data-prepare.md has the format with an example)."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +42,18 @@ class PreparedData:
             raise cli.CLIError(f"the {split} split has {len(data)} tokens, not the block_size + 1 ({block_size + 1}) "
                                "a batch needs")
         starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
-        windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+        windows = torch.from_numpy(self._checked(split, data[starts[:, None] + np.arange(block_size + 1)]))
         x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         if torch.device(device).type == "cuda":
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
+
+    def _checked(self, split: str, tokens: np.ndarray) -> np.ndarray:
+        """tokens (read from the split's file) as int64, refused when one is past the vocabulary."""
+        if tokens.size and int(tokens.max()) >= self.vocab_size:
+            raise cli.CLIError(f"{self.data_dir / f'{split}.bin'} holds token id {int(tokens.max())}, past the "
+                               f"vocabulary of {self.vocab_size} that meta.json gives: the file is corrupt")
+        return tokens.astype(np.int64)
 
     def eval_windows(self, split, block_size, stride=None):
         """1-D int64 (x, y) windows of length block_size that score every target of the split exactly once.
@@ -64,7 +70,7 @@ class PreparedData:
         data = self._tokens[split]
         last_start = max(len(data) - 1 - block_size, 0)
         for start in range(0, last_start + stride, stride):
-            window = data[start : start + block_size + 1].astype(np.int64)
+            window = self._checked(split, data[start : start + block_size + 1])
             x = np.zeros(block_size, dtype=np.int64)
             y = np.full(block_size, -1, dtype=np.int64)
             x[: min(len(window), block_size)] = window[:block_size]
@@ -75,26 +81,26 @@ class PreparedData:
 
 
 def _read_meta(path: Path) -> dict:
-    """meta.json, checked: its format version, dtype and the fields the reader uses."""
+    """meta.json, checked: its format version, dtype and every field the reader uses, by type and range."""
     if not path.is_file():
         raise cli.CLIError(f"{path}: missing; prepare the data with data_prepare.py first")
-    try:
-        meta = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise cli.CLIError(f"{path}: not valid JSON ({err})") from None
-    version = meta.get("format_version") if isinstance(meta, dict) else None
+    meta = cli.read_json(path)
+    version = meta.get("format_version")
     if version != DATA_FORMAT_VERSION:
         raise cli.CLIError(f"{path}: unknown format_version {version!r} (this code reads {DATA_FORMAT_VERSION})")
-    try:
-        dtype = meta["dtype"]
-        counts = [meta["vocab_size"], meta["eot_id"]]
-        counts += [meta["splits"][split][key] for split in SPLITS for key in ("tokens", "text_bytes")]
-    except (KeyError, TypeError) as err:
-        raise cli.CLIError(f"{path}: malformed, missing field {err}") from None
-    if not all(isinstance(count, int) for count in counts):
-        raise cli.CLIError(f"{path}: malformed, a count is not an integer")
-    if dtype != "uint16":
-        raise cli.CLIError(f"{path}: dtype {dtype!r}, expected 'uint16'")
+    if meta.get("dtype") != "uint16":
+        raise cli.CLIError(f"{path}: dtype {meta.get('dtype')!r}, expected 'uint16'")
+    vocab_size = cli.require(meta.get("vocab_size"), int, f"{path}: vocab_size", minimum=1)
+    if vocab_size > 1 << 16:
+        raise cli.CLIError(f"{path}: vocab_size {vocab_size} does not fit uint16 token ids")
+    eot_id = cli.require(meta.get("eot_id"), int, f"{path}: eot_id", minimum=0)
+    if eot_id >= vocab_size:
+        raise cli.CLIError(f"{path}: eot_id {eot_id} is not below vocab_size {vocab_size}")
+    splits = cli.require(meta.get("splits"), dict, f"{path}: splits")
+    for split in SPLITS:
+        counts = cli.require(splits.get(split), dict, f"{path}: splits.{split}")
+        for key in ("tokens", "text_bytes"):
+            cli.require(counts.get(key), int, f"{path}: splits.{split}.{key}", minimum=1)
     return meta
 
 

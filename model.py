@@ -208,7 +208,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
-        drop_sorted = before >= top_p  # already reached p without this token (the top token is always kept)
+        drop_sorted = before >= top_p  # already reached p without this token
+        drop_sorted[:, 0] = False  # the top token is always kept (a top_p below float32's range rounds to 0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)

@@ -1,6 +1,8 @@
 """The model's architecture in one dataclass, its named presets, and the numbers derived from it."""
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from cli import check_field_types
+
 ATTENTION_KINDS = ("mla", "mha", "gqa")
 ROPE_SCALINGS = ("none", "yarn")
 
@@ -42,6 +44,7 @@ class ModelConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
+        check_field_types(self)
         positive = ("vocab_size", "block_size", "n_layer", "d_model", "n_head", "n_kv_head", "kv_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "ffn_hidden")
         for name in positive:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from cli import ArgumentParser, CLIError, non_negative_float, number, positive_int, run
+from cli import ArgumentParser, CLIError, non_negative_float, number, parse_json, positive_int, run, seed_int
 from dataset import PreparedData
 from evaluation import evaluate
 from model import Transformer, compile_decode_step, left_pad
@@ -61,9 +61,10 @@ def stream_text(tok: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
 
 def read_prompts(args) -> list[str]:
     """--prompt; or --prompt-file: the whole file as one prompt, or one prompt per line of a .jsonl file (its
-    "text" field)."""
+    "text" field). A prompt that is not Unicode text (bytes that are not UTF-8 arrive as lone surrogates) is
+    refused."""
     if args.prompt_file is None:
-        return [args.prompt]
+        return [unicode_text(args.prompt, "--prompt")]
     path = Path(args.prompt_file)
     try:
         text = path.read_text(encoding="utf-8")
@@ -77,15 +78,21 @@ def read_prompts(args) -> list[str]:
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            prompts.append(json.loads(line)["text"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CLIError(f"{path} line {line_number}: not a JSON object with a \"text\" string") from None
-        if not isinstance(prompts[-1], str):
-            raise CLIError(f"{path} line {line_number}: \"text\" is not a string")
+        where = f"{path} line {line_number}"
+        record = parse_json(line, where)
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CLIError(f"{where}: not a JSON object with a \"text\" string")
+        prompts.append(unicode_text(record["text"], where))
     if not prompts:
         raise CLIError(f"{path} holds no prompts")
     return prompts
+
+
+def unicode_text(text: str, where: str) -> str:
+    if any("\ud800" <= char <= "\udfff" for char in text):
+        raise CLIError(f"{where}: holds a lone surrogate (bytes that are not UTF-8, or an unpaired \\ud800-\\udfff "
+                       "escape): not Unicode text")
+    return text
 
 
 def sample_command(model: Transformer, args, device):
@@ -131,6 +138,9 @@ def eval_command(model: Transformer, ckpt: dict, args, device):
     data_dir = args.data_dir or ckpt.get("train_config", {}).get("data_dir")
     if not data_dir:
         raise CLIError("--data-dir is needed: the checkpoint does not record the data dir it was trained on")
+    if args.data_dir is None and not Path(data_dir).is_dir():
+        raise CLIError(f"the checkpoint was trained on --data-dir {data_dir}, which is not there from {Path.cwd()}"
+                       f"{' (a relative path)' if not Path(data_dir).is_absolute() else ''}; pass --data-dir")
     data = PreparedData(data_dir)
     if data.vocab_size > model.config.vocab_size:
         raise CLIError(f"{data_dir} has a vocabulary of {data.vocab_size} tokens; the model has only "
@@ -196,7 +206,7 @@ def parse_args(argv=None):
     s.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt, all decoded as one batch")
     s.add_argument("--cache-dtype", choices=sorted(DTYPES), help="the KV cache's dtype (default: the model's)")
     s.add_argument("--compile", action="store_true", help="torch.compile the decode step (as a CUDA graph on CUDA)")
-    s.add_argument("--seed", type=int, default=1337, help="seed of the sampling")
+    s.add_argument("--seed", type=seed_int, default=1337, help="seed of the sampling")
     add_tokenizer_argument(s)
     return p.parse_args(argv)
 

@@ -26,7 +26,7 @@ from checkpoint import load_checkpoint
 from cli import ArgumentParser, CLIError, finite_float, run
 from model_config import ATTENTION_KINDS, PRESETS, ModelConfig
 from runtime import DEVICES, DTYPES, keep_freed_memory, pick_device
-from training import TrainConfig, saved_train_config, train
+from training import RUN_FILES, TrainConfig, saved_train_config, train
 
 CHOICES = {"attention": ATTENTION_KINDS, "device": DEVICES, "dtype": ("auto", *DTYPES)}
 MODEL_HELP = {  # what each ModelConfig field without a help of its own means; its default comes from the preset
@@ -67,14 +67,17 @@ def parse_args(argv=None) -> argparse.Namespace:
               lambda f: f"{f.metadata['help']} (default: {f.default})")
     add_flags(parser, ModelConfig, "model (override the preset)",
               lambda f: f"{f.metadata.get('help') or MODEL_HELP[f.name]} (default: from the preset)")
+    parser.add_argument("--force", action="store_true", help="start afresh over the run in --out-dir: its "
+                        f"{', '.join(RUN_FILES)} are removed first (without it, such a run is refused)")
     return parser.parse_args(argv)
 
 
-def configs_from_args(argv=None) -> tuple[TrainConfig, ModelConfig, dict | None]:
-    """TrainConfig and ModelConfig from the command line, and the checkpoint the run starts from (read once
-    here): with --resume the checkpoint's configs are the base and the flags given override them; with
+def configs_from_args(argv=None) -> tuple[TrainConfig, ModelConfig, dict | None, bool]:
+    """TrainConfig and ModelConfig from the command line, the checkpoint the run starts from (read once here),
+    and --force: with --resume the checkpoint's configs are the base and the flags given override them; with
     --init-from its model config is."""
     args = vars(parse_args(argv))
+    force = args.pop("force")
     train_names = {f.name for f in fields(TrainConfig)}
     train_flags = {k: v for k, v in args.items() if k in train_names}
     model_flags = {k: v for k, v in args.items() if k not in train_names and k != "preset"}
@@ -91,8 +94,8 @@ def configs_from_args(argv=None) -> tuple[TrainConfig, ModelConfig, dict | None]
             start = load_checkpoint(tc.init_from) if tc.init_from else None
         base = (ModelConfig.from_preset(preset or "shakespeare") if preset or start is None
                 else ModelConfig.from_dict(start["model_config"]))
-        return tc, replace(base, **model_flags), start
-    except ValueError as err:
+        return tc, replace(base, **model_flags), start, force
+    except (TypeError, ValueError) as err:
         raise CLIError(str(err)) from None
 
 
@@ -106,12 +109,13 @@ def prepare_default_data(tc: TrainConfig) -> None:
 
 
 def main(argv=None):
-    tc, mc, start = configs_from_args(argv)
+    tc, mc, start, force = configs_from_args(argv)
     prepare_default_data(tc)
     if pick_device(tc.device) == "cpu":
         keep_freed_memory()  # a CPU step's large buffers are reused instead of mapped afresh (runtime.py)
-    stopped_by = train(tc, mc, start)
+    stopped_by = train(tc, mc, start, force)
     if stopped_by:
+        print(f"continue with: python train.py --resume --out-dir {tc.out_dir}", file=sys.stderr)
         sys.exit(128 + stopped_by)
 
 

@@ -3,9 +3,11 @@
 the run's metrics.jsonl and loss.png). One optimisation step is optim.py's."""
 import json
 import math
+import os
 import signal
 import textwrap
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,13 +18,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_weights, save_checkpoint
-from cli import CLIError, atomic_write
+from cli import MAX_SEED, CLIError, atomic_write, check_field_types, owned_directory, parse_json, require
 from dataset import PreparedData
 from model import Transformer
 from model_config import ModelConfig
 from optim import DEFAULT_OPTIMIZER, OPTIMIZERS, TUNED_LR, Schedule, make_optimizer, train_step
 from report import figure, save_figure
 from runtime import DEVICES, DTYPES, Runtime
+
+
+RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "loss.png")  # what a run writes into out_dir
 
 
 @dataclass(frozen=True)
@@ -60,9 +65,16 @@ class TrainConfig:
                 "with a fresh optimiser at step 0"})
 
     def __post_init__(self):
+        check_field_types(self)
         for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters <= 0:
+            raise ValueError(f"lr_decay_iters must be positive, got {self.lr_decay_iters}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2^64 - 1], got {self.seed}")
+        if self.resume and self.init_from:
+            raise ValueError("resume continues out_dir's own run; init_from starts a new one: give only one")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         lr, min_lr = self.schedule.peak, self.schedule.floor
@@ -88,12 +100,15 @@ class TrainConfig:
         return Schedule(lr, lr / 10 if self.min_lr is None else self.min_lr, self.warmup_iters, decay_end)
 
 
-def train(tc: TrainConfig, mc: ModelConfig, start: dict | None = None) -> int:
+def train(tc: TrainConfig, mc: ModelConfig, start: dict | None = None, force: bool = False) -> int:
     """Train as tc and mc say, from start: the checkpoint tc.resume or tc.init_from names, already loaded (it is
-    read here when not given). Returns 0 when max_iters is reached, or the number of the signal that stopped
-    the run early after saving."""
+    read here when not given). A fresh run over another run's outputs in out_dir is refused unless force, which
+    removes them first. The writing process owns out_dir while it runs. Returns 0 when max_iters is reached, or
+    the number of the signal that stopped the run early after saving ckpt.pt."""
+    writes = int(os.environ.get("RANK", "0")) == 0  # rank 0 writes; the other processes need no directory
     try:
-        return Trainer(tc, mc, start).run()
+        with owned_directory(tc.out_dir, "a training run") if writes else nullcontext():
+            return Trainer(tc, mc, start, force).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -111,16 +126,20 @@ def saved_train_config(ckpt: dict) -> dict:
     return {"optimizer": "adamw"} | ckpt.get("train_config", {})
 
 
-def check_start(tc: TrainConfig, mc: ModelConfig, start: dict | None) -> None:
-    """Refuse a run that would overwrite another, or resume what it cannot continue."""
-    ckpt_path = Path(tc.out_dir) / "ckpt.pt"
+def check_start(tc: TrainConfig, mc: ModelConfig, start: dict | None, force: bool = False) -> None:
+    """Refuse a run that would start afresh over another's outputs (unless force), or resume what it cannot
+    continue."""
+    out, ckpt_path = Path(tc.out_dir), Path(tc.out_dir) / "ckpt.pt"
     if not tc.resume:
-        if ckpt_path.exists():
-            raise CLIError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out-dir")
+        existing = [name for name in RUN_FILES if (out / name).exists()]
+        if existing and not force:
+            raise CLIError(f"{out} holds a run ({', '.join(existing)}); pass --resume to continue it, --force to "
+                           "start afresh over it, or choose another --out-dir")
         return
     missing = sorted(set(Trainer.STATE) - start.keys())
     if missing:
         raise CLIError(f"cannot resume from {ckpt_path}: it has no {', '.join(missing)} (not written by train.py)")
+    check_state_types(start, ckpt_path)
     saved_optimizer = saved_train_config(start)["optimizer"]
     if saved_optimizer != tc.optimizer:
         raise CLIError(f"cannot resume from {ckpt_path}: it was trained with --optimizer {saved_optimizer}, "
@@ -149,6 +168,17 @@ def load_data(tc: TrainConfig, mc: ModelConfig) -> PreparedData:
     return data
 
 
+def check_state_types(state: dict, path: Path) -> None:
+    """The resumable state's values, checked by type before use (the weights and configs are checked where they
+    are loaded)."""
+    for key, kind in (("step", int), ("tokens_seen", int), ("best_val_loss", float)):
+        require(state[key], kind, f"{path}: {key}", minimum=0)
+    for key, kind in (("optimizer", dict), ("scaler", dict), ("train_config", dict), ("rng", list)):
+        require(state[key], kind, f"{path}: {key}")
+    if not all(isinstance(rng, dict) and {"data", "cpu"} <= rng.keys() for rng in state["rng"]):
+        raise CLIError(f"{path}: rng must hold each process's RNG states")
+
+
 class Trainer:
     """Everything one training run changes (model, optimiser, step, RNG streams, best val loss), its checkpoint
     (state_dict and load_state_dict), and the loop."""
@@ -157,10 +187,10 @@ class Trainer:
     STATE = ("model", "optimizer", "scaler", "model_config", "train_config", "step", "best_val_loss", "tokens_seen",
              "rng")
 
-    def __init__(self, tc: TrainConfig, mc: ModelConfig, start: dict | None = None):
+    def __init__(self, tc: TrainConfig, mc: ModelConfig, start: dict | None = None, force: bool = False):
         self.tc, self.mc, self.out = tc, mc, Path(tc.out_dir)
         start = starting_checkpoint(tc) if start is None else start
-        check_start(tc, mc, start)
+        check_start(tc, mc, start, force)
         self.data = load_data(tc, mc)
         self.rt = rt = Runtime.start(tc.device, tc.dtype, tc.compile, tc.peak_flops)
         self.tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * rt.world_size
@@ -185,6 +215,9 @@ class Trainer:
         self.metrics = None
         if rt.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            if not tc.resume:  # a fresh run (--force): nothing of the run it replaces stays beside it
+                for name in RUN_FILES:
+                    (self.out / name).unlink(missing_ok=True)
             self.metrics = MetricsLog(self.out / "metrics.jsonl", self.step if tc.resume else None)
 
     # ---- the resumable state --------------------------------------------------------------------
@@ -266,7 +299,7 @@ class Trainer:
                     self.save(best=False)
                 if stopping:
                     self.say(f"stopped by {signal.Signals(stopping).name} after step {self.step}; "
-                             f"{self.out / 'ckpt.pt'} saved; continue with --resume")
+                             f"{self.out / 'ckpt.pt'} saved")
                     return stopping
                 window.restart_clock()  # throughput leaves out logging, evaluation and saving
         if self.rt.rank == 0:
@@ -439,33 +472,47 @@ class StopSignals:
 # ---- the run's logs -----------------------------------------------------------------------------
 
 class MetricsLog:
-    """OUT/metrics.jsonl: one JSON object per line. A fresh run starts it empty; a resumed one keeps the lines up
-    to the step it resumes from and appends after them."""
+    """OUT/metrics.jsonl: one JSON object per line. A fresh run starts it anew at its first line; a resumed one
+    keeps the lines up to the step it resumes from (a last line cut short by a crash is dropped) and appends."""
 
     def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        kept = []
+        self.path, self.started = path, resume_step is not None
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if logged_step(line) <= resume_step]
-        with atomic_write(path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in read_lines(path) if logged_step(line) <= resume_step]
+            with atomic_write(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
 
     def write(self, **record) -> None:
-        with open(self.path, "a") as f:
+        with open(self.path, "a" if self.started else "w") as f:
             f.write(json.dumps(record) + "\n")
+        self.started = True
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a metrics.jsonl; only the last may be cut short (a crash while writing it)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise CLIError(f"{path} is not UTF-8 text, so not a metrics log; move it away to resume") from None
+    for number, line in enumerate(lines[:-1], start=1):
+        if logged_step(line) == math.inf:
+            raise CLIError(f"{path} line {number} is not a metrics record; move the file away to resume")
+    return lines
 
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl, in order."""
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [parse_json(line, f"{path} line {number}") for number, line in enumerate(read_lines(path), start=1)
+            if logged_step(line) != math.inf]
 
 
 def logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line; infinity for a line cut short by a crash, so that it is dropped."""
+    """The step of a metrics.jsonl line; infinity for a line that is not a record (one cut short by a crash)."""
     try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        step = json.loads(line)["step"]
+    except (json.JSONDecodeError, RecursionError, KeyError, TypeError):
         return math.inf
+    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:

@@ -9,7 +9,6 @@ data_prepare.py on it as a subprocess with all cores and reads the subprocess's 
 spell of a shared machine hits both alike; the round with the median speed-up is reported, with the range of
 speed-ups. It also shows how many cores data_prepare.py kept busy (its CPU seconds over wall-clock seconds).
 """
-import argparse
 import os
 import resource
 import subprocess
@@ -24,15 +23,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import tokenizer  # noqa: E402
+from cli import ArgumentParser, CLIError, positive_int, run  # noqa: E402
 
 BASELINE_PIECE_CHARS = 1 << 20
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mb", type=int, default=200, help="corpus size in MB (default 200)")
-    parser.add_argument("--rounds", type=int, default=3, help="turns each side takes (default 3)")
-    args = parser.parse_args()
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--size-mb", type=positive_int, default=200, help="corpus size in MB")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="turns each side takes")
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         write_corpus(corpus, args.size_mb * 10**6)
@@ -105,8 +105,10 @@ def run_data_prepare(corpus: Path, out_dir: Path) -> tuple[float, float, int]:
     run so far."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "data_prepare.py"), "--input", str(corpus), "--out-dir", str(out_dir)],
-                   check=True, cwd=REPO)
+    done = subprocess.run([sys.executable, str(REPO / "data_prepare.py"), "--input", str(corpus), "--out-dir",
+                           str(out_dir)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise CLIError(f"data_prepare.py failed: {(done.stderr.strip().splitlines() or ['no message'])[-1]}")
     elapsed = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
@@ -114,4 +116,4 @@ def run_data_prepare(corpus: Path, out_dir: Path) -> tuple[float, float, int]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, memory_hint="lower --size-mb")

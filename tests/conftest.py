@@ -1,6 +1,7 @@
-"""Shared test setup: GPT-2's BPE ranks load offline from ../shared when it is there, and the tests that need
-Tiny Shakespeare or those ranks skip, saying why, when they are absent (tests never download). Also the helpers and
-fixtures that several test modules use: tiny models, random tokens, prepared byte-token data, one thread."""
+"""Shared test setup: Tiny Shakespeare and GPT-2's BPE ranks come from ../shared when it is beside the checkout,
+or from the files that MLA_TINY_SHAKESPEARE (its input.txt) and MLA_TIKTOKEN_FILE (r50k_base.tiktoken) name; the
+tests that need them skip, saying why, when they are absent (tests never download). Also the helpers and fixtures
+that several test modules use: tiny models, random tokens, prepared byte-token data, one thread."""
 import hashlib
 import json
 import os
@@ -16,8 +17,12 @@ from model_config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
-SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = Path(os.environ.get("MLA_TINY_SHAKESPEARE", SHARED / "data" / "tinyshakespeare" / "input.txt"))
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+
+if SHAKESPEARE.is_file() and hashlib.sha256(SHAKESPEARE.read_bytes()).hexdigest() != SHAKESPEARE_SHA256:
+    pytest.exit(f"{SHAKESPEARE} is not Tiny Shakespeare (its sha256 differs); the tests count its exact tokens", 2)
 
 if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
@@ -26,7 +31,8 @@ if (SHARED / "tiktoken_cache").is_dir():
 def shakespeare_bytes(n: int) -> bytes:
     """The first n bytes of Tiny Shakespeare from ../shared; skips the calling test when it is absent."""
     if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is absent: this test trains or evaluates on Tiny Shakespeare")
+        pytest.skip(f"{SHAKESPEARE} is absent (set MLA_TINY_SHAKESPEARE): this test trains or evaluates on Tiny "
+                    "Shakespeare")
     return SHAKESPEARE.read_bytes()[:n]
 
 
@@ -34,8 +40,8 @@ def require_gpt2_ranks() -> None:
     """Skip the calling test unless GPT-2's BPE ranks are in tiktoken's cache (TIKTOKEN_CACHE_DIR)."""
     cached = Path(os.environ.get("TIKTOKEN_CACHE_DIR", "/nonexistent")) / hashlib.sha1(RANKS_URL.encode()).hexdigest()
     if not cached.is_file() and not os.environ.get("MLA_TIKTOKEN_FILE"):
-        pytest.skip("GPT-2's BPE ranks are not in TIKTOKEN_CACHE_DIR (../shared/tiktoken_cache is absent); "
-                    "tests never download")
+        pytest.skip("GPT-2's BPE ranks are not in TIKTOKEN_CACHE_DIR (../shared/tiktoken_cache is absent) and "
+                    "MLA_TIKTOKEN_FILE is not set; tests never download")
 
 
 VOCAB = 101

@@ -218,7 +218,7 @@ def test_import_refuses_missing_and_broken_files(tmp_path):
     with pytest.raises(CLIError, match="is not a readable safetensors file"):
         convert_hf.import_checkpoint(hf_dir, tmp_path / "imported.pt")
     (hf_dir / "config.json").write_text("{not json")
-    with pytest.raises(CLIError, match="is not readable JSON"):
+    with pytest.raises(CLIError, match="not valid JSON"):
         convert_hf.import_checkpoint(hf_dir, tmp_path / "imported.pt")
     (hf_dir / "config.json").unlink()
     with pytest.raises(CLIError, match="config.json does not exist"):

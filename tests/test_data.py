@@ -417,7 +417,7 @@ def test_reader_rejects_inconsistent_dirs(small, tmp_path):
         "not valid JSON": broken("bad_json", lambda p: (p / "meta.json").write_text("{")),
         "unknown format_version 2": broken("v2", lambda p: (p / "meta.json").write_text(
             json.dumps({**meta, "format_version": 2}))),
-        "missing field 'eot_id'": broken("no_eot", lambda p: (p / "meta.json").write_text(
+        "eot_id is missing": broken("no_eot", lambda p: (p / "meta.json").write_text(
             json.dumps({k: v for k, v in meta.items() if k != "eot_id"}))),
     }
     for message, path in cases.items():

@@ -250,8 +250,10 @@ def test_metrics_log_keeps_the_lines_up_to_the_resumed_step(tmp_path):
     MetricsLog(path, resume_step=10).write(step=11, loss=1.5)  # the last line was cut short by a crash
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"step": 5, "loss": 3.0}, {"step": 10, "loss": 2.0}, {"step": 11, "loss": 1.5}]
-    MetricsLog(path, resume_step=None)  # a fresh run starts it empty
-    assert path.read_text() == ""
+    MetricsLog(path, resume_step=None)  # a fresh run starts it anew, at its first line
+    assert len(path.read_text().splitlines()) == 3
+    MetricsLog(path, resume_step=None).write(step=0, loss=9.0)
+    assert path.read_text() == '{"step": 0, "loss": 9.0}\n'
 
 
 def test_resuming_another_model_names_the_fields(tmp_path, byte_data, straight_run):
@@ -310,7 +312,7 @@ def test_lr_defaults_follow_the_optimizer(tmp_path, straight_run):
     ckpt = load_checkpoint(straight_run / "ckpt.pt")
     del ckpt["train_config"]["optimizer"]
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    tc, _, _ = train_script.configs_from_args(["--resume", "--out-dir", str(tmp_path)])
+    tc, _, _, _ = train_script.configs_from_args(["--resume", "--out-dir", str(tmp_path)])
     assert (tc.optimizer, tc.lr, tc.min_lr) == ("adamw", 3e-3, 3e-4)  # the run's own, not the defaults
 
 
@@ -325,7 +327,7 @@ def test_bad_input_is_one_line(case, tmp_path, byte_data, straight_run):
         "no data": (["--data-dir", tmp_path / "missing"], "meta.json: missing"),
         "bad value": (["--data-dir", byte_data, "--lr", 1e-5, "--min-lr", 1e-4], "need 0 <= min_lr <= lr"),
         "ckpt exists": (["--data-dir", byte_data, "--preset", "tiny", "--vocab-size", 256, "--out-dir", straight_run],
-                        "ckpt.pt exists; pass --resume"),
+                        "holds a run (ckpt.pt, best.pt, metrics.jsonl, loss.png); pass --resume to continue it, --force to start afresh"),
         "other model": (["--resume", "--out-dir", straight_run, "--n-layer", 3],
                         "the model differs in n_layer (checkpoint 2, requested 3)"),
     }[case]
@@ -340,7 +342,7 @@ def test_init_from_starts_a_fresh_run_from_the_checkpoint_weights(tmp_path, byte
     """--init-from (fine-tuning, e.g. from a convert_hf.py import): model config and weights from the checkpoint,
     model flags on top, step 0 and a fresh optimiser; another architecture is one line."""
     source = straight_run / "best.pt"
-    tc, mc, start = train_script.configs_from_args(["--data-dir", str(byte_data), "--out-dir", str(tmp_path / "a"),
+    tc, mc, start, _ = train_script.configs_from_args(["--data-dir", str(byte_data), "--out-dir", str(tmp_path / "a"),
                                              "--init-from", str(source), "--dropout", "0.2"])
     assert mc == replace(TINY, dropout=0.2)
     trainer = training.Trainer(tc, mc, start)

@@ -149,7 +149,7 @@ def test_bad_rope_scaling_field_is_one_clear_error(fields, message):
 def test_init_from_at_a_longer_context_with_yarn_loads_the_weights(tmp_path, capsys):
     """Fine-tuning at 4x the context: the RoPE tables are not in the state dict, so the weights load as they are."""
     ckpt = saved_tiny(tmp_path / "short.pt")
-    tc, mc, start = train.configs_from_args(["--init-from", str(ckpt), "--block-size", "256", "--rope-scaling",
+    tc, mc, start, _ = train.configs_from_args(["--init-from", str(ckpt), "--block-size", "256", "--rope-scaling",
                                              "yarn", "--rope-factor", "4", "--original-seq-len", "64"])
     assert mc == yarn(TINY, block_size=256, original_seq_len=64)
     model = Transformer(mc)
@@ -165,8 +165,8 @@ def test_init_from_at_a_longer_context_with_yarn_loads_the_weights(tmp_path, cap
 
 def test_checkpoints_from_before_yarn_resume_with_plain_rope(tmp_path):
     old_config = {k: v for k, v in TINY.to_dict().items() if k not in ("rope_scaling", "rope_factor")}
-    ckpt = {"model": {}, "optimizer": None, "scaler": None, "train_config": {}, "step": 0, "best_val_loss": None,
-            "tokens_seen": 0, "rng": None, "model_config": old_config}
+    ckpt = {"model": {}, "optimizer": {}, "scaler": {}, "train_config": {}, "step": 0, "best_val_loss": 5.0,
+            "tokens_seen": 0, "rng": [], "model_config": old_config}
     tc = TrainConfig(out_dir=str(tmp_path), resume=True, optimizer="adamw")
     check_start(tc, TINY, ckpt)
     with pytest.raises(CLIError, match=r"differs in rope_scaling \(checkpoint 'none', requested 'yarn'\)"):
