@@ -1,4 +1,4 @@
-"""The controlled study: MLA against MHA and GQA (and MLA without query compression), trained the same way.
+"""The controlled study: MLA against MHA, GQA and MQA (and MLA without query compression), trained the same way.
 
     python compare.py --data-dir data/shakespeare --preset shakespeare --out-dir out/study
     python compare.py --data-dir data/tiny --preset tiny --max-iters 50 --out-dir out/study-tiny

@@ -28,8 +28,8 @@ from runtime import synchronize
 # Each row of the study: name -> (the model variant, whether MLA decodes by weight absorption). Both MLA rows
 # share one model and one cache.
 CONTENDERS = {"mla absorbed": ("mla", True), "mla decompressed": ("mla", False), "mha": ("mha", True),
-              "gqa": ("gqa", True)}
-CAPACITY_CONTENDERS = ("mla absorbed", "mha", "gqa")  # one per attention kind: MLA decodes absorbed
+              "gqa": ("gqa", True), "mqa": ("mqa", True)}
+CAPACITY_CONTENDERS = ("mla absorbed", "mha", "gqa", "mqa")  # one per attention kind: MLA decodes absorbed
 # Left free beyond the caches and a step's temporaries, for activations and allocator slack, and on a shared
 # machine for other processes' growth: with 1 GiB, a run beside other jobs on a 24 GiB machine was OOM-killed.
 MEMORY_MARGIN = 3 * 2**30
@@ -309,7 +309,7 @@ def plot(rows: list[dict], path: Path, then: str) -> None:
         return
     ax = fig.subplots()
     batches = sorted({r["batch"] for r in rows})
-    for color, name in zip(("C0", "C1", "C2", "C3"), CONTENDERS):
+    for color, name in zip(("C0", "C1", "C2", "C3", "C4"), CONTENDERS):
         for style, batch in zip(itertools.cycle(("-", "--", ":", "-.")), batches):
             points = [(r["context"], r["decode_tokens_per_s"]) for r in rows
                       if r["attention"] == name and r["batch"] == batch and r["fits"]]

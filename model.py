@@ -200,7 +200,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     likely tokens whose probability reaches p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.double()  # float64, and the top logit 0, so that no temperature > 0 makes inf or nan
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

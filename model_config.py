@@ -192,6 +192,7 @@ PRESETS = {
 }
 
 # The like-for-like variants that every preset runs as: the same depth and width, another attention. "mla-no-q" is
-# MLA without query compression (as DeepSeek-V2-Lite); "gqa" keeps the preset's n_kv_head.
+# MLA without query compression (as DeepSeek-V2-Lite); "gqa" keeps the preset's n_kv_head; "mqa" is GQA with one
+# key/value head (Shazeer, arXiv 1911.02150).
 VARIANTS = {"mla": {"attention": "mla"}, "mla-no-q": {"attention": "mla", "q_lora_rank": 0},
-            "mha": {"attention": "mha"}, "gqa": {"attention": "gqa"}}
+            "mha": {"attention": "mha"}, "gqa": {"attention": "gqa"}, "mqa": {"attention": "gqa", "n_kv_head": 1}}

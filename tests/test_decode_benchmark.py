@@ -16,10 +16,10 @@ from benchmarks import bench_decode as script
 from cli import CLIError
 from conftest import REPO
 from model import Transformer
-from model_config import ModelConfig
+from model_config import VARIANTS as VARIANT_OVERRIDES, ModelConfig
 from report import table_header
 
-VARIANTS = ["mla absorbed", "mla decompressed", "mha", "gqa"]
+VARIANTS = ["mla absorbed", "mla decompressed", "mha", "gqa", "mqa"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,8 +31,8 @@ def small_probe(monkeypatch):
     monkeypatch.setattr(bench, "PROBE_BYTES", 2**20)
 
 
-def tiny(kind: str) -> ModelConfig:
-    return ModelConfig.from_preset("tiny", attention=kind)
+def tiny(variant: str) -> ModelConfig:
+    return ModelConfig.from_preset("tiny", **VARIANT_OVERRIDES[variant])
 
 
 # ---- bytes and FLOPs per step -------------------------------------------------------------------
@@ -42,17 +42,20 @@ def tiny(kind: str) -> ModelConfig:
 # Weights (num_params; the matmul weights of flops_per_token are the same count):
 #   embedding/LM head 50304 * 64 = 3,219,456; per block SwiGLU 3 * 64 * 128 = 24,576 and norms 2 * 64 = 128;
 #   final norm 64. Attention per block: MHA 4 * 64 * 64 = 16,384; GQA 64*64 + 2*64*32 + 64*64 = 12,288;
+#   MQA 64*64 + 2*64*16 + 64*64 = 10,240;
 #   MLA q 64*32 + 32 + 32*4*24 = 5,152, kv 64*40 + 32 + 32*4*32 = 6,688 (kv_b_proj 4,096), o 4*16*64 = 4,096.
-#   -> MHA 3,301,696; GQA 3,293,504; MLA 3,300,800.
-# Cache per position and layer: MHA 2 * 4 * 16 = 128 values, GQA 2 * 2 * 16 = 64, MLA r + dr = 40.
+#   -> MHA 3,301,696; GQA 3,293,504; MQA 3,289,408; MLA 3,300,800.
+# Cache per position and layer: MHA 2 * 4 * 16 = 128 values, GQA 2 * 2 * 16 = 64, MQA 2 * 16 = 32, MLA r + dr = 40.
 HAND_BYTES = {  # 4 * (weights + 2 sequences * 16 positions * 2 layers * cache values)
     "mha": 4 * (3_301_696 + 2 * 16 * 2 * 128),
     "gqa": 4 * (3_293_504 + 2 * 16 * 2 * 64),
+    "mqa": 4 * (3_289_408 + 2 * 16 * 2 * 32),
     "mla": 4 * (3_300_800 + 2 * 16 * 2 * 40),
 }
 HAND_FLOPS = {  # 2 * batch * (weights + layers * heads * positions * multiply-adds per head and position)
     "mha": 2 * 2 * (3_301_696 + 2 * 4 * 16 * 2 * 16),  # scores and weighted sum over head_dim 16
     "gqa": 2 * 2 * (3_293_504 + 2 * 4 * 16 * 2 * 16),
+    "mqa": 2 * 2 * (3_289_408 + 2 * 4 * 16 * 2 * 16),
     "mla absorbed": 2 * 2 * (3_300_800 + 2 * 4 * 16 * (40 + 40)),  # the whole latent r + dr as key and as value
     # kv_b_proj over the 15 cached positions too; keys dn + dr = 24, values dv = 16
     "mla decompressed": 2 * 2 * (3_300_800 + 2 * 4_096 * 15 + 2 * 4 * 16 * (24 + 16)),
@@ -89,17 +92,19 @@ def test_step_bytes_and_flops_match_the_real_model_and_torch_flop_counter(name):
 # ---- the sweep ----------------------------------------------------------------------------------
 
 def test_sweep_interleaves_every_variant_and_reports_finite_numbers(monkeypatch):
-    steps = []  # (attention kind, absorb) of every decode step, in order
+    steps = []  # (attention kind, key/value heads, absorb) of every decode step, in order
     decode_step = Transformer.decode_step
 
     def recorded(model, token, cache, input_pos, absorb=True):
-        steps.append((model.config.attention, absorb))
+        steps.append((model.config.attention, model.config.kv_heads, absorb))
         return decode_step(model, token, cache, input_pos, absorb)
 
     monkeypatch.setattr(Transformer, "decode_step", recorded)
     rows = bench.benchmark(tiny("mla"), contexts=[8, 16], batches=[1, 2], device="cpu", dtype=torch.float32, steps=2)
     # Each (batch, context) row: 1 untimed + 2 timed rounds, each one step of every variant in turn.
-    assert steps == [bench.CONTENDERS[name] for name in VARIANTS] * 3 * 4
+    expected = [(tiny(variant).attention, tiny(variant).kv_heads, absorb)
+                for variant, absorb in (bench.CONTENDERS[name] for name in VARIANTS)]
+    assert steps == expected * 3 * 4
     assert [(r["batch"], r["context"], r["attention"]) for r in rows] == [
         (b, c, name) for b in (1, 2) for c in (8, 16) for name in VARIANTS]
     for row in rows:
@@ -131,10 +136,10 @@ def test_a_variant_whose_cache_does_not_fit_is_reported_and_not_run(monkeypatch)
 
 
 def test_capacity_picks_the_largest_batch_that_fits_the_budget():
-    # Context 16: one sequence's cache is 5,120 bytes for MLA, 16,384 for MHA, 8,192 for GQA (see above).
+    # Context 16: one sequence's cache is 5,120 bytes for MLA, 16,384 for MHA, 8,192 for GQA, 4,096 for MQA.
     runner = bench.DecodeBench(tiny("mla"), 16, "cpu", torch.float32, steps=1)
     rows = {r["attention"]: r for r in runner.capacity(16, 100_000)}
-    assert {name: r["batch"] for name, r in rows.items()} == {"mla absorbed": 19, "mha": 6, "gqa": 12}
+    assert {name: r["batch"] for name, r in rows.items()} == {"mla absorbed": 19, "mha": 6, "gqa": 12, "mqa": 24}
     for row in rows.values():
         assert row["fits"] and row["cache_bytes"] <= 100_000 < row["cache_bytes"] / row["batch"] * (row["batch"] + 1)
         assert row["decode_tokens_per_s"] == pytest.approx(row["batch"] * 1e3 / row["ms_per_step"])
@@ -174,9 +179,9 @@ def test_bench_command_prints_rows_as_they_come_and_json(capsys, tmp_path):
                  "--plot", str(tmp_path / "d.png"), "--json"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[1] == table_header([heading for heading, _ in bench.SWEEP_COLUMNS]).splitlines()[0]
-    assert [line.split(" | ")[0] for line in lines[3:11]] == ["| " + name for name in VARIANTS] * 2
+    assert [line.split(" | ")[0] for line in lines[3:13]] == ["| " + name for name in VARIANTS] * 2
     report = json.loads(lines[-1])
-    assert len(report["rows"]) == 8 and report["model_config"]["n_layer"] == 2
+    assert len(report["rows"]) == 10 and report["model_config"]["n_layer"] == 2
     by_kind = {r["attention"]: r for r in report["rows"] if r["context"] == 16}
     assert by_kind["mla absorbed"]["cache_bytes"] / by_kind["mha"]["cache_bytes"] == pytest.approx(40 / 128)
     assert (tmp_path / "d.png").stat().st_size > 0
@@ -188,8 +193,8 @@ def test_bench_command_capacity_and_layers(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[2] == table_header([heading for heading, _ in bench.CAPACITY_COLUMNS]).splitlines()[0]
     report = json.loads(lines[-1])
-    # One layer halves the tiny preset's cache per sequence: MLA 2,560, MHA 8,192, GQA 4,096 bytes.
-    assert {r["attention"]: r["batch"] for r in report["rows"]} == {"mla absorbed": 3, "mha": 1, "gqa": 2}
+    # One layer halves the tiny preset's cache per sequence: MLA 2,560, MHA 8,192, GQA 4,096, MQA 2,048 bytes.
+    assert {r["attention"]: r["batch"] for r in report["rows"]} == {"mla absorbed": 3, "mha": 1, "gqa": 2, "mqa": 4}
 
 
 @pytest.mark.parametrize("flags, message", [
