@@ -26,7 +26,11 @@ def load_checkpoint(path, mmap: bool = False) -> dict:
     missing, truncated, corrupt or foreign file, or an unknown format version, raises CLIError with one line."""
     path = Path(path)
     if not path.is_file():
-        raise CLIError(f"checkpoint {path} does not exist")
+        raise CLIError(f"checkpoint {path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        open(path, "rb").close()
+    except OSError as err:
+        raise CLIError(f"cannot read checkpoint {path}: {err.strerror}") from None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch reports truncation and corruption through many exception types

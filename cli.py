@@ -45,6 +45,7 @@ def run(main, memory_hint: str = "use smaller sizes"):
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main()
+        sys.stdout.flush()  # a full disk or a closed pipe behind stdout shows here, not as noise at exit
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -52,16 +53,24 @@ def run(main, memory_hint: str = "use smaller sizes"):
         print("terminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe
+        silence_stdout()
         sys.exit(128 + signal.SIGPIPE)
     except Exception as err:
         message = user_error(err, memory_hint)
         if message is None:
             raise
+        if isinstance(err, OSError) and err.filename is None:  # writing to stdout failed
+            silence_stdout()
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that what is still buffered for a closed pipe or a full disk goes nowhere
+    instead of failing again as the interpreter exits."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def user_error(err: Exception, memory_hint: str) -> str | None:
@@ -70,7 +79,7 @@ def user_error(err: Exception, memory_hint: str) -> str | None:
         return str(err)
     if isinstance(err, OSError) and err.errno in PATH_ERRORS:
         in_the_way = " (a file is where a directory should be)" if err.errno in (errno.EEXIST, errno.ENOTDIR) else ""
-        return f"{err.filename or 'a file'}: {err.strerror}{in_the_way}"
+        return f"{err.filename or 'standard output'}: {err.strerror}{in_the_way}"
     out_of_memory = (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
                      or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)))
     if out_of_memory:

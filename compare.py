@@ -23,8 +23,8 @@ import torch
 
 import tokenizer
 from checkpoint import load_checkpoint, model_from_checkpoint
-from cli import (ArgumentParser, CLIError, atomic_write, number, owned_directory, positive_int, read_json, require, run,
-                 seed_int)
+from cli import (ArgumentParser, CLIError, atomic_write, atomic_write_all, number, owned_directory, positive_int,
+                 read_json, require, run, seed_int)
 from dataset import PreparedData
 from decode_benchmark import MEMORY_MARGIN, available_memory, benchmark, cache_bytes
 from evaluation import evaluate
@@ -75,7 +75,7 @@ def timed_training(tc: TrainConfig, mc: ModelConfig, clock_path: Path) -> float:
     if clock_path.exists():
         earlier = require(read_json(clock_path).get("seconds"), float, f"{clock_path}: seconds", minimum=0)
     start = time.perf_counter()
-    stopped_by = train(tc, mc, force=not tc.resume)  # without ckpt.pt, what a crashed start left is not a run
+    stopped_by = train(tc, mc)
     total = earlier + time.perf_counter() - start
     write_json_atomic(clock_path, {"seconds": total})
     if stopped_by:
@@ -162,12 +162,8 @@ def plot_study(rows: list[dict], run_dirs: list[Path], png_path: Path) -> None:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
     with atomic_write(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def parse_args(argv=None):
@@ -247,11 +243,11 @@ def study(args, runs: dict, out: Path) -> None:
         print(f"== {name}, seed {seed}")
         rows.append(run_variant(name, mc, tc, args.bench_context))
     table = rows + summary_rows(rows) if len(args.seeds) > 1 else rows
-    write_json_atomic(out / "study.json", {"preset": args.preset, "data_dir": args.data_dir,
-                                           "bench_context": args.bench_context, "seeds": args.seeds,
-                                           "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                           "rows": table})
-    write_text_atomic(out / "study.md", markdown(table, args.bench_context))
+    study = {"preset": args.preset, "data_dir": args.data_dir, "bench_context": args.bench_context,
+             "seeds": args.seeds, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": table}
+    with atomic_write_all([out / "study.json", out / "study.md"]) as (json_tmp, markdown_tmp):  # both or neither
+        json_tmp.write_text(json.dumps(study, indent=2) + "\n")
+        markdown_tmp.write_text(markdown(table, args.bench_context))
     plot_study(rows, [Path(tc.out_dir) for _, tc in runs.values()], out / "study.png")
     print(markdown(table, args.bench_context))
 

@@ -15,6 +15,10 @@ class PreparedData:
 
     def __init__(self, data_dir):
         self.data_dir = Path(data_dir)
+        if not self.data_dir.is_dir():
+            relative = "" if self.data_dir.is_absolute() else f" (a relative path, from {Path.cwd()})"
+            raise cli.CLIError(f"{self.data_dir}: no such data directory{relative}; prepare it with data_prepare.py, "
+                               "or pass the --data-dir it was prepared into")
         self.meta = _read_meta(self.data_dir / "meta.json")
         self.vocab_size = self.meta["vocab_size"]
         self.eot_id = self.meta["eot_id"]

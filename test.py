@@ -98,8 +98,11 @@ def unicode_text(text: str, where: str) -> str:
 def sample_command(model: Transformer, args, device):
     """Continue every prompt --num-samples times, all as one batch. One sample streams as it is generated;
     several are printed whole, each after its prompt, between lines of dashes."""
-    tok = Tokenizer(args.tokenizer_file)
     prompts = [prompt for prompt in read_prompts(args) for _ in range(args.num_samples)]
+    if model.config.vocab_size < VOCAB_SIZE:
+        raise CLIError(f"the model knows {model.config.vocab_size} token ids, fewer than GPT-2's tokenizer's "
+                       f"{VOCAB_SIZE}: it was not trained on GPT-2 tokens, so there is nothing to sample with")
+    tok = Tokenizer(args.tokenizer_file)
     prompt_ids = [tok.encode(prompt) or [EOT_ID] for prompt in prompts]  # an empty prompt starts a new document
     longest = max(len(ids) for ids in prompt_ids)
     room = model.config.block_size - longest
@@ -138,9 +141,6 @@ def eval_command(model: Transformer, ckpt: dict, args, device):
     data_dir = args.data_dir or ckpt.get("train_config", {}).get("data_dir")
     if not data_dir:
         raise CLIError("--data-dir is needed: the checkpoint does not record the data dir it was trained on")
-    if args.data_dir is None and not Path(data_dir).is_dir():
-        raise CLIError(f"the checkpoint was trained on --data-dir {data_dir}, which is not there from {Path.cwd()}"
-                       f"{' (a relative path)' if not Path(data_dir).is_absolute() else ''}; pass --data-dir")
     data = PreparedData(data_dir)
     if data.vocab_size > model.config.vocab_size:
         raise CLIError(f"{data_dir} has a vocabulary of {data.vocab_size} tokens; the model has only "

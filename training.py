@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_weights, save_checkpoint
-from cli import MAX_SEED, CLIError, atomic_write, check_field_types, owned_directory, parse_json, require
+from cli import MAX_SEED, CLIError, atomic_write, check_field_types, is_of, owned_directory, parse_json, require
 from dataset import PreparedData
 from model import Transformer
 from model_config import ModelConfig
@@ -74,7 +74,7 @@ class TrainConfig:
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2^64 - 1], got {self.seed}")
         if self.resume and self.init_from:
-            raise ValueError("resume continues out_dir's own run; init_from starts a new one: give only one")
+            raise ValueError("--resume continues the run in --out-dir, --init-from starts a new one: give only one")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         lr, min_lr = self.schedule.peak, self.schedule.floor
@@ -130,6 +130,9 @@ def check_start(tc: TrainConfig, mc: ModelConfig, start: dict | None, force: boo
     """Refuse a run that would start afresh over another's outputs (unless force), or resume what it cannot
     continue."""
     out, ckpt_path = Path(tc.out_dir), Path(tc.out_dir) / "ckpt.pt"
+    if tc.init_from and any(Path(tc.init_from).resolve() == (out / name).resolve() for name in RUN_FILES):
+        raise CLIError(f"--init-from {tc.init_from} is one of the files this run writes into --out-dir {out}; copy "
+                       "it elsewhere first, or choose another --out-dir")
     if not tc.resume:
         existing = [name for name in RUN_FILES if (out / name).exists()]
         if existing and not force:
@@ -489,30 +492,35 @@ class MetricsLog:
 
 
 def read_lines(path: Path) -> list[str]:
-    """The lines of a metrics.jsonl; only the last may be cut short (a crash while writing it)."""
+    """The records of a metrics.jsonl, a line each; a last line without its newline, cut short by a crash while
+    it was written, is dropped. Anything else that is not a record is refused."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise CLIError(f"{path} is not UTF-8 text, so not a metrics log; move it away to resume") from None
-    for number, line in enumerate(lines[:-1], start=1):
+    lines = text.splitlines()
+    if text and not text.endswith("\n"):
+        lines = lines[:-1]
+    for number, line in enumerate(lines, start=1):
         if logged_step(line) == math.inf:
-            raise CLIError(f"{path} line {number} is not a metrics record; move the file away to resume")
+            raise CLIError(f"{path} line {number} is not a metrics record (a JSON object with an integer step); "
+                           "move the file away to resume")
     return lines
 
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl, in order."""
-    return [parse_json(line, f"{path} line {number}") for number, line in enumerate(read_lines(path), start=1)
-            if logged_step(line) != math.inf]
+    return [parse_json(line, str(path)) for line in read_lines(path)]
 
 
 def logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line; infinity for a line that is not a record (one cut short by a crash)."""
+    """The step of a metrics.jsonl line; infinity for a line that is not a record."""
     try:
-        step = json.loads(line)["step"]
-    except (json.JSONDecodeError, RecursionError, KeyError, TypeError):
+        record = parse_json(line, "metrics.jsonl")
+    except CLIError:
         return math.inf
-    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if is_of(step, int) else math.inf
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:

@@ -413,7 +413,7 @@ def test_reader_rejects_inconsistent_dirs(small, tmp_path):
     cases = {
         "val.bin: ": broken("short", lambda p: (p / "val.bin").write_bytes((p / "val.bin").read_bytes()[:-2])),
         "train.bin: missing": broken("no_bin", lambda p: (p / "train.bin").unlink()),
-        "meta.json: missing": tmp_path / "nowhere",
+        "nowhere: no such data directory": tmp_path / "nowhere",
         "not valid JSON": broken("bad_json", lambda p: (p / "meta.json").write_text("{")),
         "unknown format_version 2": broken("v2", lambda p: (p / "meta.json").write_text(
             json.dumps({**meta, "format_version": 2}))),

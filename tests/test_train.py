@@ -324,7 +324,7 @@ def test_bad_input_is_one_line(case, tmp_path, byte_data, straight_run):
                   "has token ids up to 255 but the model's vocab_size is 200; pass --vocab-size 256 or more"),
         "short split": (["--data-dir", byte_data, "--preset", "tiny", "--vocab-size", 256, "--block-size", 20_000],
                         "the val split has 20000 tokens, fewer than block_size + 1 = 20001"),
-        "no data": (["--data-dir", tmp_path / "missing"], "meta.json: missing"),
+        "no data": (["--data-dir", tmp_path / "missing"], "missing: no such data directory"),
         "bad value": (["--data-dir", byte_data, "--lr", 1e-5, "--min-lr", 1e-4], "need 0 <= min_lr <= lr"),
         "ckpt exists": (["--data-dir", byte_data, "--preset", "tiny", "--vocab-size", 256, "--out-dir", straight_run],
                         "holds a run (ckpt.pt, best.pt, metrics.jsonl, loss.png); pass --resume to continue it, --force to start afresh"),
