@@ -33,8 +33,9 @@ def raise_terminated(signum, frame):
 
 
 # errno values of a path the user can fix: no permission, a file in the way of a directory (or the reverse), a
-# read-only or full disk.
-PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENOSPC}
+# read-only or full disk, a quota or file-size limit reached.
+PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENOSPC,
+               errno.EDQUOT, errno.EFBIG}
 
 
 def run(main, memory_hint: str = "use smaller sizes"):
