@@ -3,13 +3,13 @@
 A checkpoint is a dict holding at least "format_version", "model" (a state dict) and "model_config" (a dict).
 train.py adds the optimiser, step and RNG states it needs to resume. Everything in it is a tensor, a number,
 a string, or a list/dict/tuple of those, so it loads with torch.load(weights_only=True)."""
-from pathlib import Path
 
 import torch
 
-from cli import CLIError, atomic_write
+from cli import CLIError, atomic_write, is_of, regular_file
 from model import Transformer
 from model_config import ModelConfig
+from runtime import check_model_fits
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -24,20 +24,14 @@ def save_checkpoint(state: dict, path) -> None:
 def load_checkpoint(path, mmap: bool = False) -> dict:
     """Read a checkpoint onto the CPU (with mmap, its tensors are mapped from the file, read only when used). A
     missing, truncated, corrupt or foreign file, or an unknown format version, raises CLIError with one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"checkpoint {path} does not exist" if not path.exists() else f"{path} is not a file")
-    try:
-        open(path, "rb").close()
-    except OSError as err:
-        raise CLIError(f"cannot read checkpoint {path}: {err.strerror}") from None
+    path = regular_file(path, "checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch reports truncation and corruption through many exception types
         raise CLIError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "format_version"} <= ckpt.keys():
         raise CLIError(f"{path} is not a checkpoint of this project (needs model, model_config, format_version)")
-    if ckpt["format_version"] != CHECKPOINT_FORMAT_VERSION:
+    if not is_of(ckpt["format_version"], int) or ckpt["format_version"] != CHECKPOINT_FORMAT_VERSION:
         raise CLIError(f"checkpoint {path} has format version {ckpt['format_version']!r}; "
                        f"this code reads version {CHECKPOINT_FORMAT_VERSION}")
     weights = ckpt["model"]
@@ -67,7 +61,9 @@ def read_model_config(path) -> ModelConfig:
 def model_from_checkpoint(ckpt: dict) -> Transformer:
     """The Transformer a loaded checkpoint describes, with its weights, on the CPU in float32. Weights that are
     not all finite (a run that diverged) are refused: nothing sensible comes of evaluating or sampling them."""
-    model = Transformer(model_config_of(ckpt))
+    config = model_config_of(ckpt)
+    check_model_fits([config], "cpu")
+    model = Transformer(config)
     load_weights(model, ckpt["model"], "the checkpoint's weights do not fit its model_config")
     broken = next((name for name, weight in model.state_dict().items() if not torch.isfinite(weight).all()), None)
     if broken is not None:

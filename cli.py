@@ -33,8 +33,9 @@ def raise_terminated(signum, frame):
 
 
 # errno values of a path the user can fix: no permission, a file in the way of a directory (or the reverse), a
-# read-only or full disk.
-PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENOSPC}
+# read-only or full disk, a quota or file-size limit reached.
+PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENOSPC,
+               errno.EDQUOT, errno.EFBIG}
 
 
 def run(main, memory_hint: str = "use smaller sizes"):
@@ -162,11 +163,24 @@ def parse_json(text: str | bytes, where: str):
         raise CLIError(f"{where}: JSON nested too deeply to read") from None
 
 
+def regular_file(path, what: str = "file") -> Path:
+    """path, if it names a regular file this process can read: not a directory, nor a named pipe or device
+    (reading one could block forever or never end), nor a file it lacks permission for."""
+    path = Path(path)
+    if not path.exists():
+        raise CLIError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise CLIError(f"{what} {path} is not a regular file")
+    try:
+        open(path, "rb").close()
+    except OSError as err:
+        raise CLIError(f"cannot read {what} {path}: {err.strerror}") from None
+    return path
+
+
 def read_json(path, kind=dict):
     """The JSON value in the file at path, which must be of kind (a dict: an object); one line if it is not."""
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"{path} does not exist" if not path.exists() else f"{path} is not a regular file")
+    path = regular_file(path, "JSON file")
     try:
         data = parse_json(path.read_bytes(), str(path))
     except OSError as err:

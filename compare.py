@@ -26,13 +26,13 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import (ArgumentParser, CLIError, atomic_write, atomic_write_all, number, owned_directory, positive_int,
                  read_json, require, run, seed_int)
 from dataset import PreparedData
-from decode_benchmark import MEMORY_MARGIN, available_memory, benchmark, cache_bytes
+from decode_benchmark import MEMORY_MARGIN, benchmark, cache_bytes
 from evaluation import evaluate
 from model import Transformer
 from model_config import PRESETS, VARIANTS, ModelConfig
 from optim import OPTIMIZERS
 from report import figure, markdown_table, save_figure
-from runtime import keep_freed_memory, pick_device
+from runtime import available_memory, keep_freed_memory, pick_device
 from training import TrainConfig, read_metrics, train
 
 COLUMNS = {  # key -> (heading, format)
@@ -43,6 +43,8 @@ COLUMNS = {  # key -> (heading, format)
     "train_tokens_per_sec": ("train tok/s", "{:,.0f}"), "decode_tokens_per_sec": ("decode tok/s @ctx", "{:,.1f}"),
     "wall_seconds": ("wall time (s)", "{:,.0f}"),
 }
+RESULT_KINDS = {"variant": str, "seed": int, "params_non_embedding": int, "params_total": int,
+                "kv_cache_bytes_per_token_bf16": int}  # the other columns are numbers
 
 
 def run_variant(name: str, mc: ModelConfig, tc: TrainConfig, bench_context: int) -> dict:
@@ -50,7 +52,10 @@ def run_variant(name: str, mc: ModelConfig, tc: TrainConfig, bench_context: int)
     run_dir = Path(tc.out_dir)
     result_path = run_dir / "result.json"
     if result_path.exists():
-        return read_json(result_path)
+        row = read_json(result_path)
+        for key in COLUMNS:
+            require(row.get(key), RESULT_KINDS.get(key, float), f"{result_path}: {key}")
+        return row
     tc = replace(tc, resume=(run_dir / "ckpt.pt").exists())
     wall_seconds = timed_training(tc, mc, run_dir / "wall_seconds.json")
     device = pick_device(tc.device)  # where it trained
@@ -234,19 +239,32 @@ def main(argv=None):
 
 
 def study(args, runs: dict, out: Path) -> None:
-    """Train, evaluate and benchmark every run of runs in the study directory out, then write its table."""
+    """Train, evaluate and benchmark every run of runs in the study directory out, then write its table. A study
+    that fails before any of its runs wrote anything leaves no settings.json behind either."""
     _, tc = next(iter(runs.values()))
     training = {k: v for k, v in asdict(tc).items() if k not in ("seed", "out_dir")}
+    settings = out / "settings.json"
+    new = not settings.exists()
     refuse_other_settings(out, {"preset": args.preset, "bench_context": args.bench_context, **training})
+    try:
+        run_all(args, runs, out)
+    except BaseException:
+        if new and [path.name for path in out.iterdir()] == ["settings.json"]:
+            settings.unlink()
+        raise
+
+
+def run_all(args, runs: dict, out: Path) -> None:
+    """Each run's row (trained, resumed or read back), then OUT/study.json, study.md and study.png."""
     rows = []
     for (name, seed), (mc, tc) in runs.items():
         print(f"== {name}, seed {seed}")
         rows.append(run_variant(name, mc, tc, args.bench_context))
     table = rows + summary_rows(rows) if len(args.seeds) > 1 else rows
-    study = {"preset": args.preset, "data_dir": args.data_dir, "bench_context": args.bench_context,
-             "seeds": args.seeds, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": table}
+    summary = {"preset": args.preset, "data_dir": args.data_dir, "bench_context": args.bench_context,
+               "seeds": args.seeds, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": table}
     with atomic_write_all([out / "study.json", out / "study.md"]) as (json_tmp, markdown_tmp):  # both or neither
-        json_tmp.write_text(json.dumps(study, indent=2) + "\n")
+        json_tmp.write_text(json.dumps(summary, indent=2) + "\n")
         markdown_tmp.write_text(markdown(table, args.bench_context))
     plot_study(rows, [Path(tc.out_dir) for _, tc in runs.values()], out / "study.png")
     print(markdown(table, args.bench_context))

@@ -54,7 +54,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from cli import ArgumentParser, CLIError, atomic_write_all, owned_directory, read_json, refuse_overwrite, require, run
+from cli import (ArgumentParser, CLIError, atomic_write_all, owned_directory, read_json, refuse_overwrite, regular_file,
+                 require, run)
 from model import RowBlock, Transformer
 from model_config import ModelConfig
 from tokenizer import EOT_ID
@@ -159,9 +160,7 @@ def load_hf_weights(hf_dir: Path, config: ModelConfig) -> dict[str, torch.Tensor
     first, and a config whose weights could not be in the file (at one byte each) is refused before anything is
     loaded or built: a config.json of two million layers fails here at once."""
     st = safetensors_torch()
-    path = hf_dir / "model.safetensors"
-    if not path.is_file():
-        raise CLIError(f"{path} does not exist")
+    path = regular_file(hf_dir / "model.safetensors", "weights file")
     try:
         with st.safe_open(path, framework="pt"):  # reads and checks the header only
             pass

@@ -90,7 +90,7 @@ def _read_meta(path: Path) -> dict:
         raise cli.CLIError(f"{path}: missing; prepare the data with data_prepare.py first")
     meta = cli.read_json(path)
     version = meta.get("format_version")
-    if version != DATA_FORMAT_VERSION:
+    if not cli.is_of(version, int) or version != DATA_FORMAT_VERSION:
         raise cli.CLIError(f"{path}: unknown format_version {version!r} (this code reads {DATA_FORMAT_VERSION})")
     if meta.get("dtype") != "uint16":
         raise cli.CLIError(f"{path}: dtype {meta.get('dtype')!r}, expected 'uint16'")

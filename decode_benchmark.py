@@ -6,11 +6,8 @@ attention kind fits in a cache budget. Used by test.py --bench and compare.py.
 Weights are random, and caches are filled with random values instead of a prefill: a prefill of 32K tokens
 would dominate the run, and a decode step reads random latents the same way it reads real ones.
 """
-import ctypes
 import itertools
-import re
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -23,7 +20,7 @@ from cli import CLIError
 from model import Transformer, compile_decode_step
 from model_config import VARIANTS, ModelConfig
 from report import figure, save_figure, table_row
-from runtime import synchronize
+from runtime import available_memory, check_model_fits, release_freed_memory, synchronize
 
 # Each row of the study: name -> (the model variant, whether MLA decodes by weight absorption). Both MLA rows
 # share one model and one cache.
@@ -80,26 +77,6 @@ def working_bytes(config: ModelConfig, batch: int, context: int, element_size: i
 
 # ---- the machine --------------------------------------------------------------------------------
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on device: the GPU's free memory and the allocator's unused cache, or
-    the kernel's MemAvailable on Linux; None where unknown."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "cpu" and sys.platform == "linux":
-        meminfo = Path("/proc/meminfo").read_text()
-        return int(re.search(r"^MemAvailable:\s+(\d+) kB$", meminfo, re.MULTILINE).group(1)) * 1024
-    return None
-
-
-def release_freed_memory(device: torch.device):
-    """Hand the memory glibc keeps after frees (runtime.keep_freed_memory) back to the kernel, so that
-    MemAvailable counts it again. The CUDA allocator's cache is counted by available_memory already."""
-    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
-    if device.type == "cpu" and malloc_trim is not None:
-        malloc_trim(0)
-
-
 def memory_bandwidth(probe: torch.Tensor) -> float:
     """Bytes per second of one sum over probe, a tensor far larger than the caches: the rate at which this
     machine streams memory, for the steps timed beside it."""
@@ -122,6 +99,7 @@ class DecodeBench:
         self.element_size = torch.empty(0, dtype=dtype).element_size()
         self.configs = {variant: replace(config, **VARIANTS[variant], block_size=max_context, dropout=0.0)
                         for variant, _ in CONTENDERS.values()}
+        check_model_fits(self.configs.values(), self.device, dtype)
         self.models = {variant: self.build(c) for variant, c in self.configs.items()}
         self.step_functions = {variant: self.step_function(model, compile) for variant, model in self.models.items()}
         # Untimed rounds before each row's timed ones; CUDA graphs (reduce-overhead) are recorded on the third call.

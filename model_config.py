@@ -70,17 +70,13 @@ class ModelConfig:
         self.check_rope_scaling()
 
     def check_rope_scaling(self):
+        """The YaRN fields' domains, whether or not YaRN is on (a value out of range is a mistake either way)."""
         if self.rope_scaling not in ROPE_SCALINGS:
             raise ValueError(f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
-        if self.rope_scaling == "none":
-            if self.rope_factor != 1.0:
-                raise ValueError(f"rope_factor {self.rope_factor} needs rope_scaling 'yarn' (it is 'none')")
-            return
         if not self.rope_factor >= 1.0:
             raise ValueError(f"rope_factor must be >= 1 (1: no extension), got {self.rope_factor}")
-        if self.original_seq_len <= 0:
-            raise ValueError(f"original_seq_len (the context length trained at) must be positive for yarn, "
-                             f"got {self.original_seq_len}")
+        if self.original_seq_len < 0:
+            raise ValueError(f"original_seq_len must be >= 0, got {self.original_seq_len}")
         if not 0 < self.beta_slow < self.beta_fast:
             raise ValueError(f"need 0 < beta_slow < beta_fast, got beta_slow {self.beta_slow} and "
                              f"beta_fast {self.beta_fast}")
@@ -88,6 +84,10 @@ class ModelConfig:
             raise ValueError(f"mscale must be positive, got {self.mscale}")
         if not self.mscale_all_dim >= 0:
             raise ValueError(f"mscale_all_dim must be >= 0 (0: no softmax correction), got {self.mscale_all_dim}")
+        if self.rope_scaling == "none" and self.rope_factor != 1.0:
+            raise ValueError(f"rope_factor {self.rope_factor} needs rope_scaling 'yarn' (it is 'none')")
+        if self.rope_scaling == "yarn" and self.original_seq_len == 0:
+            raise ValueError("original_seq_len (the context length trained at) must be positive for yarn, got 0")
 
     # ---- presets and serialisation -------------------------------------------------------------
 

@@ -5,6 +5,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -119,6 +120,36 @@ def keep_freed_memory() -> None:
     if mallopt is not None:
         mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (an int): give back only a free top of the heap over 2 GiB
         mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks below 1 GiB from the heap, where freed ones are reused
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on device: the GPU's free memory and the allocator's unused cache, or
+    the kernel's MemAvailable on Linux; None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu" and sys.platform == "linux":
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(re.search(r"^MemAvailable:\s+(\d+) kB$", meminfo, re.MULTILINE).group(1)) * 1024
+    return None
+
+
+def release_freed_memory(device: torch.device):
+    """Hand the memory glibc keeps after frees (runtime.keep_freed_memory) back to the kernel, so that
+    MemAvailable counts it again. The CUDA allocator's cache is counted by available_memory already."""
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
+    if device.type == "cpu" and malloc_trim is not None:
+        malloc_trim(0)
+
+
+def check_model_fits(configs, device, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse, before any is built, models (ModelConfigs) whose weights together cannot fit in device's free
+    memory: a config of two million layers fails here at once, not after minutes of allocation."""
+    needs = sum(config.num_params() for config in configs) * torch.empty(0, dtype=dtype).element_size()
+    free = available_memory(torch.device(device))
+    if free is not None and needs > free:
+        raise CLIError(f"the model's weights need {needs / 2**30:,.1f} GiB and {free / 2**30:,.1f} GiB are free "
+                       f"on {device}; choose a smaller model (--n-layer, --d-model, --vocab-size, ...)")
 
 
 def synchronize(device) -> None:

@@ -9,12 +9,12 @@ import codecs
 import json
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from cli import ArgumentParser, CLIError, non_negative_float, number, parse_json, positive_int, run, seed_int
+from cli import (ArgumentParser, CLIError, non_negative_float, number, parse_json, positive_int, regular_file, run,
+                 seed_int)
 from dataset import PreparedData
 from evaluation import evaluate
 from model import Transformer, compile_decode_step, left_pad
@@ -65,7 +65,7 @@ def read_prompts(args) -> list[str]:
     refused."""
     if args.prompt_file is None:
         return [unicode_text(args.prompt, "--prompt")]
-    path = Path(args.prompt_file)
+    path = regular_file(args.prompt_file, "prompt file")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:

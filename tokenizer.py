@@ -58,9 +58,9 @@ def add_argument(parser):
 
 
 def _encoding_from_file(path) -> tiktoken.Encoding:
+    path = cli.regular_file(path, "tokenizer file")
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = path.read_bytes()
     except OSError as err:
         raise cli.CLIError(f"tokenizer file {path}: {err.strerror}") from None
     digest = hashlib.sha256(data).hexdigest()

@@ -18,13 +18,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_weights, save_checkpoint
-from cli import MAX_SEED, CLIError, atomic_write, check_field_types, is_of, owned_directory, parse_json, require
+from cli import (MAX_SEED, CLIError, atomic_write, check_field_types, first_line, is_of, owned_directory, parse_json,
+                 require)
 from dataset import PreparedData
 from model import Transformer
 from model_config import ModelConfig
 from optim import DEFAULT_OPTIMIZER, OPTIMIZERS, TUNED_LR, Schedule, make_optimizer, train_step
 from report import figure, save_figure
-from runtime import DEVICES, DTYPES, Runtime
+from runtime import DEVICES, DTYPES, Runtime, check_model_fits
 
 
 RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "loss.png")  # what a run writes into out_dir
@@ -197,6 +198,7 @@ class Trainer:
         self.data = load_data(tc, mc)
         self.rt = rt = Runtime.start(tc.device, tc.dtype, tc.compile, tc.peak_flops)
         self.tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * rt.world_size
+        check_model_fits([mc], rt.device)
         torch.manual_seed(tc.seed)  # the same initial weights in every process
         self.model = Transformer(mc)  # the plain module: what checkpoints hold, whatever wraps it
         self.data_generator = torch.Generator().manual_seed(derive_seed(tc.seed, 1, rt.rank))
@@ -239,9 +241,13 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         """The other half of state_dict(): the optimiser, loss scaler, counters and RNG streams (the weights are
         loaded before the model moves to its device)."""
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:  # empty when saved without float16 loss scaling
-            self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state["scaler"]:  # empty when saved without float16 loss scaling
+                self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:  # how torch reports a state that does not fit
+            raise CLIError(f"cannot resume from {self.out / 'ckpt.pt'}: its optimizer state does not fit this model "
+                           f"and --optimizer {self.tc.optimizer} ({type(err).__name__}: {first_line(err, 80)})") from None
         self.step, self.best_val_loss, self.tokens_seen = state["step"], state["best_val_loss"], state["tokens_seen"]
         self.resume_note = f"resuming from {self.out / 'ckpt.pt'} at step {self.step}"
         if len(state["rng"]) == self.rt.world_size:
@@ -275,7 +281,15 @@ class Trainer:
 
     def run(self) -> int:
         """Train up to max_iters. Returns 0 when done, or the number of the signal that stopped it early
-        (after saving ckpt.pt)."""
+        (after saving ckpt.pt). A fresh run that fails before its first checkpoint leaves no metrics.jsonl."""
+        try:
+            return self.loop()
+        except BaseException:
+            if not self.tc.resume and self.rt.rank == 0 and not (self.out / "ckpt.pt").exists():
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            raise
+
+    def loop(self) -> int:
         tc = self.tc
         self.say(self.describe())
         if self.step == tc.max_iters and tc.resume:

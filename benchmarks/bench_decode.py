@@ -11,6 +11,7 @@ Weights are random and caches are filled with random values instead of a prefill
 measured in the same rounds. Prints a markdown table (and with --json one JSON line, last).
 """
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -46,11 +47,21 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.cache_budget_gib is not None and (args.batches or args.plot):
         raise CLIError("--cache-budget-gib finds the batch that fits; it takes no --batches and no --plot")
-    if args.plot and Path(args.plot).is_dir():
-        raise CLIError(f"--plot {args.plot} is a directory; name the PNG file to write")
-    if args.plot and not Path(args.plot).resolve().parent.is_dir():
-        raise CLIError(f"--plot {args.plot}: no such directory {Path(args.plot).resolve().parent}")
+    if args.plot:
+        check_plot_path(Path(args.plot), args.ckpt)
     return args
+
+
+def check_plot_path(plot: Path, ckpt: str | None) -> None:
+    """Refuse, before benchmarking, a --plot that cannot be written or that would replace the checkpoint read."""
+    if plot.is_dir():
+        raise CLIError(f"--plot {plot} is a directory; name the PNG file to write")
+    if not plot.resolve().parent.is_dir():
+        raise CLIError(f"--plot {plot}: no such directory {plot.resolve().parent}")
+    if not os.access(plot.resolve().parent, os.W_OK):
+        raise CLIError(f"--plot {plot}: cannot write into {plot.resolve().parent}")
+    if ckpt is not None and plot.resolve() == Path(ckpt).resolve():
+        raise CLIError(f"--plot {plot} is the checkpoint --ckpt reads; name another file")
 
 
 def main(argv=None):
