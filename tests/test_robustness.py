@@ -8,9 +8,10 @@ second is refused. A full disk, a file-size limit (EFBIG) and a read-only direct
 the earlier files.
 
 Each case is its own process (its own exit status, signals, working directory, environment, umask, rlimits and
-standard streams), forked from a server that imported torch once (see Launcher), so that the file takes seconds
-rather than the minutes that starting ~50 interpreters with torch would. The text is made up (no test here needs
-Tiny Shakespeare); the cases that tokenize skip without GPT-2's BPE ranks, and the full disk needs root (a tmpfs).
+standard streams), forked from a server that imported torch once (see Launcher): the file takes about half a
+minute on 2 busy cores, where ~55 interpreters each importing torch would take several. The text is made up (no
+test here needs Tiny Shakespeare); the cases that tokenize skip without GPT-2's BPE ranks, and the full disk needs
+root (to mount a tmpfs).
 """
 import atexit
 import ctypes
