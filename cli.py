@@ -119,7 +119,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def number(kind, minimum=None, above=None, maximum=None):
-    """An argparse type: a finite int or float, at least minimum or more than above, and at most maximum."""
+    """An argparse type: a finite int or float, at least minimum or more than above, and at most maximum (an
+    int at most 2^63 - 1 in any case: torch takes no larger)."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -134,12 +135,15 @@ def number(kind, minimum=None, above=None, maximum=None):
             raise argparse.ArgumentTypeError(f"must be more than {above}, got {text!r}")
         if maximum is not None and value > maximum:
             raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text!r}")
+        if kind is int and maximum is None and value > MAX_INT:
+            raise argparse.ArgumentTypeError(f"must be at most 2^63 - 1, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__
     return parse
 
 
+MAX_INT = 2**63 - 1
 positive_int = number(int, minimum=1)
 finite_float = number(float)
 positive_float = number(float, above=0)
@@ -196,11 +200,15 @@ def is_of(value, kind) -> bool:
         return value is None
     if kind is bool:
         return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is int:  # within int64, as torch takes them
+        return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return isinstance(value, kind)
+
+
+KIND_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "an object",
+              list: "a list", type(None): "None"}
 
 
 def check_field_types(config) -> None:
@@ -210,13 +218,8 @@ def check_field_types(config) -> None:
         value = getattr(config, f.name)
         kinds = typing.get_args(f.type) or (f.type,)
         if not any(is_of(value, kind) for kind in kinds):
-            expected = " or ".join("None" if kind is type(None) else f"a finite {kind.__name__}"
-                                   if kind is float else f"a {kind.__name__}" for kind in kinds)
+            expected = " or ".join(KIND_NAMES.get(kind, kind.__name__) for kind in kinds)
             raise ValueError(f"{f.name} must be {expected}, got {value!r}")
-
-
-KIND_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "an object",
-              list: "a list"}
 
 
 def require(value, kind, where: str, minimum=None):
