@@ -17,7 +17,9 @@ differs is only how they write things down:
   rows side by side, (2i, 2i + 1), which transformers reads when rope_interleave is true, its default. export
   reorders the RoPE rows of q_b_proj (or q_proj) and kv_a_proj_with_mqa into that layout and sets the flag;
   import reorders them back, or copies them when a directory says rope_interleave false.
-- Tied embeddings: tie_word_embeddings; lm_head.weight is then left out of the file, as save_pretrained does.
+- Tied embeddings: tie_word_embeddings; lm_head.weight is written all the same, a copy of the embedding, for
+  readers that do not tie (vLLM's DeepSeek model; safetensors refuses one tensor under two names). transformers
+  ties it again on load; import refuses a tied file whose lm_head.weight differs from the embedding.
 - No query compression: q_lora_rank 0 here is null there (q_proj instead of q_a_proj / q_b_proj).
 - RMSNorm eps: transformers builds q_a_layernorm and kv_a_layernorm with eps 1e-6 whatever rms_norm_eps says, so
   only norm_eps 1e-6 (every preset's) converts exactly; others are refused.
@@ -41,7 +43,9 @@ differs is only how they write things down:
   * Frequencies: transformers computes them in float32, this project in float64 rounded to float32 at the end;
     angles differ by about 1e-7 relative. An explicit attention_factor or truncate false is refused.
 - Dense layers: first_k_dense_replace = num_hidden_layers makes every FFN the SwiGLU MLP (intermediate_size =
-  ffn_hidden); n_routed_experts 0 and num_nextn_predict_layers 0 say there are no experts and no MTP layers.
+  ffn_hidden); n_routed_experts 0 and num_nextn_predict_layers 0 say there are no experts and no MTP layers, and
+  every other expert field is written as "none" too (DENSE_FIELDS): DeepseekV3Config's defaults describe
+  DeepSeek-V3's experts, and llama.cpp's converter copies them into the GGUF.
 - Vocabulary: the padded vocab_size (50304) is exported as is; the ids past GPT-2's 50257 never come from the
   tokenizer. bos/eos_token_id name GPT-2's <|endoftext|> (50256) and tokenizer_note says which tokenizer this is;
   on the Hugging Face side, AutoTokenizer.from_pretrained("gpt2") is the same BPE.
@@ -63,6 +67,19 @@ from tokenizer import EOT_ID
 HF_LATENT_NORM_EPS = 1e-6  # transformers' eps for q_a_layernorm and kv_a_layernorm, fixed
 TOKENIZER_NOTE = ("GPT-2 BPE (tiktoken r50k_base, the same as Hugging Face's 'gpt2' tokenizer); "
                   "<|endoftext|> = 50256 separates documents; ids from 50257 up are vocabulary padding")
+# Every DeepseekV3Config field that describes experts or multi-token prediction, as "none"; its defaults (in
+# brackets) are DeepSeek-V3's, which a reader that goes by the config (llama.cpp's converter does) would take.
+DENSE_FIELDS = {
+    "n_routed_experts": 0,  # [256]
+    "num_experts_per_tok": 0,  # [8]
+    "n_group": 0,  # [8]
+    "topk_group": 0,  # [4]
+    "n_shared_experts": 0,  # [1]
+    "moe_intermediate_size": 0,  # [2048]
+    "routed_scaling_factor": 1.0,  # [2.5]
+    "norm_topk_prob": False,  # [true]
+    "num_nextn_predict_layers": 0,  # [1]
+}
 # transformers' DeepseekV3Config defaults, for the flags a config.json may leave out
 HF_DEFAULTS = {"first_k_dense_replace": 3, "rope_interleave": True, "tie_word_embeddings": False,
                "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False, "rope_theta": 10000.0}
@@ -116,12 +133,13 @@ def hf_name(name: str) -> str:
 
 
 def to_hf_weights(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under transformers' names, RoPE rows interleaved, float32; no lm_head when tied."""
+    """The model's weights under transformers' names, RoPE rows interleaved, float32; lm_head.weight always, a copy
+    of the embedding when tied (safetensors refuses one tensor under two names)."""
     stacked = model.stacked_rows()
     weights = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_embeddings:
-            continue
+            tensor = tensor.clone()
         if name in stacked:
             tensor = tensor[rope_row_order(stacked[name], to_interleaved=True)]
         weights[hf_name(name)] = tensor.float().contiguous()
@@ -147,6 +165,10 @@ def from_hf_weights(hf_weights: dict[str, torch.Tensor], config: ModelConfig, in
             tensor = tensor[rope_row_order(stacked[name], to_interleaved=False)]
         state[name] = tensor.float().contiguous()
     if config.tie_embeddings:
+        lm_head = hf_weights.get("lm_head.weight")
+        if lm_head is not None and not torch.equal(lm_head.float(), state["embed_tokens.weight"]):
+            raise CLIError("config.json ties the embeddings (tie_word_embeddings), but lm_head.weight is not "
+                           "model.embed_tokens.weight: a reader that does not tie would compute other logits")
         state["lm_head.weight"] = state["embed_tokens.weight"]
     unexpected = sorted(set(hf_weights) - {hf_name(name) for name in template.state_dict()})
     if unexpected:
@@ -202,10 +224,10 @@ def to_hf_config(config: ModelConfig) -> dict:
         "attention_dropout": 0.0,
         "tie_word_embeddings": config.tie_embeddings,
         "first_k_dense_replace": config.n_layer,
-        "n_routed_experts": 0,
-        "num_nextn_predict_layers": 0,
+        **DENSE_FIELDS,
         "bos_token_id": eot,
         "eos_token_id": eot,
+        "pad_token_id": None,  # GPT-2 has no padding token
         "tokenizer_note": TOKENIZER_NOTE,
         "dtype": "float32",
     }

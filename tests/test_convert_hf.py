@@ -12,7 +12,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cli import CLIError
 from model import Transformer
 from model_config import ModelConfig
-from conftest import REPO
+from conftest import REPO, randomize
 
 INSTALL = "pip install -r requirements-dev.txt"
 pytest.importorskip("safetensors", reason=f"convert_hf.py needs safetensors: {INSTALL}")
@@ -32,17 +32,6 @@ def project_model(q_lora_rank=32, tie_embeddings=True, qk_rope_head_dim=8, seed=
     model = Transformer(config).eval()
     randomize(model)
     return model
-
-
-def randomize(model: torch.nn.Module):
-    """Weights large enough for sharp attention (std 0.1, where a RoPE mix-up moves the logits by ~2), and RMSNorm
-    gains away from their initial 1, so that every weight's mapping shows in the logits."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-            else:
-                param.normal_(0, 0.1)
 
 
 def save_project(model: Transformer, path):

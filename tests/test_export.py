@@ -1,15 +1,26 @@
-"""The self-contained export (convert_hf.py export): GPT-2's tokenizer files against tiktoken on real text."""
+"""The self-contained export (convert_hf.py export): GPT-2's tokenizer files against tiktoken on real text, and
+the directory as transformers reads it: a config without experts, the tied lm_head."""
 import json
+import logging
+import shutil
 
 import pytest
+import torch
 
+import convert_hf
 import hf_tokenizer
-from conftest import require_gpt2_ranks, shakespeare_bytes
+from checkpoint import save_checkpoint
+from cli import CLIError
+from conftest import randomize, require_gpt2_ranks, shakespeare_bytes
+from model import Transformer
+from model_config import ModelConfig
 from tokenizer import EOT_ID, Tokenizer
 
-transformers = pytest.importorskip("transformers", reason="these tests read the files with transformers: "
-                                                          "pip install -r requirements-dev.txt")
+INSTALL = "pip install -r requirements-dev.txt"
+safetensors_torch = pytest.importorskip("safetensors.torch", reason=f"convert_hf.py needs safetensors: {INSTALL}")
+transformers = pytest.importorskip("transformers", reason=f"these tests read the export with transformers: {INSTALL}")
 EOT = "<|endoftext|>"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +77,65 @@ def test_the_two_file_layout_holds_the_same_vocabulary_and_merges(tokenizer_dir)
     lines = (tokenizer_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert lines[:5] == ["#version: 0.2", "Ġ t", "Ġ a", "h e", "i n"]  # as GPT-2's own merges.txt begins
     assert [line.split(" ") for line in lines[1:]] == fast["merges"] and len(fast["merges"]) == 50000
+
+
+# ---- the export directory -----------------------------------------------------------------------
+
+def export_random_model(directory, seed=0, **overrides) -> tuple[Transformer, object]:
+    """A tiny MLA model with GPT-2's padded vocabulary and random weights, saved and exported -> (the model, the
+    export directory)."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.from_preset("tiny", **overrides)).eval()
+    randomize(model)
+    ckpt = directory / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, ckpt)
+    convert_hf.export_checkpoint(ckpt, directory / "hf")
+    return model, directory / "hf"
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    return export_random_model(tmp_path_factory.mktemp("export"), seed=4)  # a seed whose greedy text varies
+
+
+@pytest.fixture(scope="module")
+def export_without_query_compression(tmp_path_factory):
+    return export_random_model(tmp_path_factory.mktemp("export-q0"), q_lora_rank=0)
+
+
+@pytest.mark.parametrize("fixture", ["export", "export_without_query_compression"])
+def test_config_read_through_autoconfig_has_no_experts_in_any_field(fixture, request, caplog):
+    """Every field a reader (llama.cpp's converter goes through AutoConfig) would otherwise default to DeepSeek-V3's
+    experts says there are none."""
+    model, hf_dir = request.getfixturevalue(fixture)
+    with caplog.at_level(logging.WARNING):
+        config = transformers.AutoConfig.from_pretrained(hf_dir)
+    assert not caplog.records
+    read = config.to_dict()
+    for key, value in convert_hf.DENSE_FIELDS.items():
+        assert read[key] == value and type(read[key]) is type(value), key
+    assert config.num_mtp_layers == 0  # transformers' name for num_nextn_predict_layers
+    assert read["first_k_dense_replace"] == read["num_hidden_layers"] == model.config.n_layer
+    assert read["q_lora_rank"] == (model.config.q_lora_rank or None)
+
+
+def test_lm_head_is_written_and_tied_again_on_load(export, caplog):
+    model, hf_dir = export
+    with safetensors_torch.safe_open(hf_dir / "model.safetensors", framework="pt") as f:
+        assert torch.equal(f.get_tensor("lm_head.weight"), model.embed_tokens.weight)  # for readers that do not tie
+    with caplog.at_level(logging.WARNING):
+        theirs, info = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True)
+    assert not any(info.values()) and not caplog.records
+    assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
+
+
+def test_import_refuses_a_tied_lm_head_that_is_not_the_embedding(export, tmp_path):
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    shutil.copy(export[1] / "config.json", hf_dir)
+    weights = safetensors_torch.load_file(export[1] / "model.safetensors")
+    weights["lm_head.weight"][0, 0] += 1
+    safetensors_torch.save_file(weights, hf_dir / "model.safetensors")
+    with pytest.raises(CLIError, match="ties the embeddings .* but lm_head.weight is not model.embed_tokens.weight"):
+        convert_hf.import_checkpoint(hf_dir, tmp_path / "imported.pt")
+    assert not (tmp_path / "imported.pt").exists()
