@@ -1,8 +1,13 @@
 """The self-contained export (convert_hf.py export): GPT-2's tokenizer files against tiktoken on real text, and
-the directory as transformers reads it: a config without experts, the tied lm_head."""
+the directory as transformers reads it offline: tokenizer, pipeline, a config without experts, the tied lm_head,
+file modes."""
 import json
 import logging
+import os
 import shutil
+import socket
+import stat
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -14,7 +19,8 @@ from cli import CLIError
 from conftest import randomize, require_gpt2_ranks, shakespeare_bytes
 from model import Transformer
 from model_config import ModelConfig
-from tokenizer import EOT_ID, Tokenizer
+from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer
+from training import TrainConfig
 
 INSTALL = "pip install -r requirements-dev.txt"
 safetensors_torch = pytest.importorskip("safetensors.torch", reason=f"convert_hf.py needs safetensors: {INSTALL}")
@@ -82,14 +88,20 @@ def test_the_two_file_layout_holds_the_same_vocabulary_and_merges(tokenizer_dir)
 # ---- the export directory -----------------------------------------------------------------------
 
 def export_random_model(directory, seed=0, **overrides) -> tuple[Transformer, object]:
-    """A tiny MLA model with GPT-2's padded vocabulary and random weights, saved and exported -> (the model, the
-    export directory)."""
+    """A tiny MLA model with GPT-2's padded vocabulary and random weights, saved as if train.py had trained it
+    for 7 steps and exported under umask 022 -> (the model, the export directory)."""
+    require_gpt2_ranks()
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.from_preset("tiny", **overrides)).eval()
     randomize(model)
     ckpt = directory / "best.pt"
-    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, ckpt)
-    convert_hf.export_checkpoint(ckpt, directory / "hf")
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict(), "step": 7,
+                     "tokens_seen": 7168, "best_val_loss": 4.25, "train_config": asdict(TrainConfig(seed=5))}, ckpt)
+    umask = os.umask(0o022)
+    try:
+        convert_hf.export_checkpoint(ckpt, directory / "hf")
+    finally:
+        os.umask(umask)
     return model, directory / "hf"
 
 
@@ -101,6 +113,32 @@ def export(tmp_path_factory):
 @pytest.fixture(scope="module")
 def export_without_query_compression(tmp_path_factory):
     return export_random_model(tmp_path_factory.mktemp("export-q0"), q_lora_rank=0)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Record every attempt to open a connection, and make it fail; the test asserts there were none."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("no network in this test")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+def test_export_is_complete_and_every_file_is_mode_0644(export):
+    _, hf_dir = export
+    assert sorted(path.name for path in hf_dir.iterdir()) == sorted(convert_hf.EXPORT_FILES)
+    for path in hf_dir.iterdir():  # under umask 022; safetensors alone writes model.safetensors 0600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+
+
+def test_model_card_says_how_the_checkpoint_was_trained(export):
+    card = (export[1] / "README.md").read_text(encoding="utf-8")
+    assert "for 7 steps (7,168 tokens) on `data/shakespeare`: muon at peak lr 0.003" in card
+    assert "seed 5. Best validation loss 4.2500 nats/token" in card
 
 
 @pytest.mark.parametrize("fixture", ["export", "export_without_query_compression"])
@@ -139,3 +177,44 @@ def test_import_refuses_a_tied_lm_head_that_is_not_the_embedding(export, tmp_pat
     with pytest.raises(CLIError, match="ties the embeddings .* but lm_head.weight is not model.embed_tokens.weight"):
         convert_hf.import_checkpoint(hf_dir, tmp_path / "imported.pt")
     assert not (tmp_path / "imported.pt").exists()
+
+
+def test_generation_config_stops_pads_and_never_samples_padding(export):
+    generation = json.loads((export[1] / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == generation["pad_token_id"] == EOT_ID
+    assert generation["suppress_tokens"] == list(range(VOCAB_SIZE, 50304))
+    assert "max_length" not in generation  # one would make every call that passes max_new_tokens warn
+
+
+def test_tokenizer_and_pipeline_offline_generate_what_our_greedy_decode_generates(export, no_network):
+    model, hf_dir = export
+    prompt, n = "ROMEO:", 24
+    ids = Tokenizer().encode(prompt)
+    with torch.no_grad():
+        ours = model.generate(torch.tensor([ids]), n, temperature=0, vocab_limit=VOCAB_SIZE, stop_id=EOT_ID)
+    ours = ours[0, len(ids):].tolist()
+    assert len(set(ours)) > 10 and EOT_ID not in ours  # varied text, all n tokens
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    prompt_ids = tokenizer(prompt, return_tensors="pt")
+    assert prompt_ids["input_ids"].tolist() == [ids]
+    got = theirs.generate(**prompt_ids, max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+    assert got == ours
+    pipe = transformers.pipeline("text-generation", model=str(hf_dir), device="cpu")
+    assert pipe(prompt, max_new_tokens=n, do_sample=False)[0]["generated_text"] == prompt + Tokenizer().decode(ours)
+    assert no_network == []
+
+
+def test_force_replaces_an_earlier_exports_files_and_nothing_else(export, tmp_path):
+    """A smaller vocabulary (not GPT-2's tokens) exports without a tokenizer; with --force over a GPT-2 export, the
+    old tokenizer files go too, and the user's files stay."""
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(export[1], hf_dir)
+    (hf_dir / "notes.txt").write_text("mine")
+    small = Transformer(ModelConfig.from_preset("tiny", vocab_size=320))
+    save_checkpoint({"model": small.state_dict(), "model_config": small.config.to_dict()}, tmp_path / "small.pt")
+    written = convert_hf.export_checkpoint(tmp_path / "small.pt", hf_dir, force=True)
+    assert written == ["model.safetensors", "generation_config.json", "README.md", "config.json"]
+    assert sorted(path.name for path in hf_dir.iterdir()) == sorted([*written, "notes.txt"])
+    assert "There is no tokenizer" in (hf_dir / "README.md").read_text(encoding="utf-8")
