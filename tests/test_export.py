@@ -1,8 +1,10 @@
-"""The self-contained export (convert_hf.py export): GPT-2's tokenizer files against tiktoken on real text, and
-the directory as transformers reads it offline: tokenizer, pipeline, a config without experts, the tied lm_head,
-file modes."""
+"""The self-contained export (convert_hf.py export): GPT-2's tokenizer files against tiktoken on real text; the
+directory as transformers reads it offline: tokenizer, pipeline, a config without experts, the tied lm_head, file
+modes; and, where llama.cpp's converter is found ($LLAMA_CPP_CONVERTER), the GGUF it makes of an export against
+what llama.cpp's loader checks (gguf_convert.py)."""
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -12,10 +14,13 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import cli
 import convert_hf
+import gguf_convert
 import hf_tokenizer
+from attention import rope_tables, softmax_scale
+from benchmarks import llama_cpp as llama_cpp_check
 from checkpoint import save_checkpoint
-from cli import CLIError
 from conftest import randomize, require_gpt2_ranks, shakespeare_bytes
 from model import Transformer
 from model_config import ModelConfig
@@ -174,7 +179,7 @@ def test_import_refuses_a_tied_lm_head_that_is_not_the_embedding(export, tmp_pat
     weights = safetensors_torch.load_file(export[1] / "model.safetensors")
     weights["lm_head.weight"][0, 0] += 1
     safetensors_torch.save_file(weights, hf_dir / "model.safetensors")
-    with pytest.raises(CLIError, match="ties the embeddings .* but lm_head.weight is not model.embed_tokens.weight"):
+    with pytest.raises(cli.CLIError, match="ties the embeddings .* lm_head.weight is not model.embed_tokens.weight"):
         convert_hf.import_checkpoint(hf_dir, tmp_path / "imported.pt")
     assert not (tmp_path / "imported.pt").exists()
 
@@ -218,3 +223,98 @@ def test_force_replaces_an_earlier_exports_files_and_nothing_else(export, tmp_pa
     assert written == ["model.safetensors", "generation_config.json", "README.md", "config.json"]
     assert sorted(path.name for path in hf_dir.iterdir()) == sorted([*written, "notes.txt"])
     assert "There is no tokenizer" in (hf_dir / "README.md").read_text(encoding="utf-8")
+
+
+# ---- llama.cpp's GGUF (gguf_convert.py) ---------------------------------------------------------
+
+@pytest.mark.parametrize("mscale,mscale_all_dim", [(1.0, 1.0), (0.707, 0.707), (1.0, 0.5), (0.5, 1.0), (1.0, 0.0)])
+def test_yarn_fix_gives_llama_cpp_our_cos_sin_and_softmax_scales(mscale, mscale_all_dim):
+    """With the fix's keys, llama.cpp's YaRN scales (src/models/deepseek2.cpp: cos/sin times attn_factor, the
+    softmax times (attn_factor (1 + 0.1 L ln s))^2, L = yarn_log_multiplier / 0.1) are our model's; where mscale
+    equals mscale_all_dim they already are, with attn_factor 1 and the converter's 0.1 mscale_all_dim."""
+    config = ModelConfig.from_preset("tiny", rope_scaling="yarn", rope_factor=4.0, original_seq_len=16,
+                                     mscale=mscale, mscale_all_dim=mscale_all_dim)
+    metadata = {"deepseek2.attention.q_lora_rank": 32}
+    fixes = gguf_convert.needed_fixes(config, metadata)
+    assert bool(fixes) == (mscale != mscale_all_dim)
+    attn_factor = fixes.get("deepseek2.rope.scaling.attn_factor", ("FLOAT32", 1.0))[1]
+    log_multiplier = fixes.get("deepseek2.rope.scaling.yarn_log_multiplier", ("FLOAT32", 0.1 * mscale_all_dim))[1]
+    llama_cpp_softmax = (attn_factor * (1 + log_multiplier * math.log(4.0))) ** 2
+    cos, _ = rope_tables(config.qk_rope_head_dim, 1, config.rope_theta, config)
+    assert attn_factor == pytest.approx(cos[0, 0].item(), rel=1e-6)  # cos(0) times our factor
+    qk_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+    assert llama_cpp_softmax == pytest.approx(softmax_scale(config, qk_dim) * math.sqrt(qk_dim), rel=1e-6)
+
+
+def test_the_llama_cpp_check_without_llama_cpps_converter_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(gguf_convert.CONVERTER_ENV, raising=False)
+    with pytest.raises(SystemExit) as stop:
+        cli.run(lambda: llama_cpp_check.main(["--preset", "tiny", "--out-dir", str(tmp_path / "out")]))
+    assert stop.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: llama.cpp's convert_hf_to_gguf.py not found: pass --converter PATH or set "
+                             "LLAMA_CPP_CONVERTER") and stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def converter():
+    path = gguf_convert.find_converter()
+    if path is None:
+        pytest.skip(f"llama.cpp's convert_hf_to_gguf.py not found (set {gguf_convert.CONVERTER_ENV} to it; it ships "
+                    "with llama.cpp and in the llama-cpp-python sdist under vendor/llama.cpp); CI does not fetch it")
+    return path
+
+
+def loader_violations(metadata: dict, n_layer: int) -> list[str]:
+    """What llama.cpp's deepseek2 loader (src/models/deepseek2.cpp, and llama_model's hyperparameter checks in
+    src/llama-model.cpp) would refuse in this metadata."""
+    def get(key):
+        return metadata.get(f"deepseek2.{key}", 0)
+    refused = []
+    if get("expert_used_count") > get("expert_count"):
+        refused.append("more experts used than there are")
+    if get("expert_count") == 0 and get("expert_group_count") != 0:
+        refused.append("expert groups without experts")
+    if get("expert_count") == 0 and get("leading_dense_block_count") < n_layer:
+        refused.append("mixture-of-experts layers without experts")
+    if n_layer not in (26, 27) and "deepseek2.attention.q_lora_rank" not in metadata:
+        refused.append("no attention.q_lora_rank")
+    return refused
+
+
+@pytest.mark.parametrize("fixture", ["export", "export_without_query_compression"])
+def test_llama_cpp_converter_makes_a_consistent_gguf_once_fixed(fixture, request, converter, tmp_path):
+    model, hf_dir = request.getfixturevalue(fixture)
+    gguf = gguf_convert.gguf_package(converter)
+    converted = tmp_path / "converted.gguf"
+    gguf_convert.convert(converter, hf_dir, converted)
+    metadata, tensors = gguf_convert.read_metadata(gguf, converted)
+    c = model.config
+    expected = {"block_count": c.n_layer, "leading_dense_block_count": c.n_layer, "expert_count": 0,
+                "expert_used_count": 0, "expert_group_count": 0, "expert_group_used_count": 0,
+                "expert_shared_count": 0, "expert_feed_forward_length": 0, "expert_weights_scale": 1.0,
+                "attention.kv_lora_rank": c.kv_lora_rank, "attention.head_count": c.n_head,
+                "attention.head_count_kv": 1, "attention.key_length": c.kv_lora_rank + c.qk_rope_head_dim,
+                "attention.value_length": c.kv_lora_rank,
+                "attention.key_length_mla": c.qk_nope_head_dim + c.qk_rope_head_dim,
+                "attention.value_length_mla": c.v_head_dim, "rope.dimension_count": c.qk_rope_head_dim,
+                "vocab_size": c.vocab_size, "embedding_length": c.d_model, "feed_forward_length": c.ffn_hidden}
+    for key, value in expected.items():
+        assert metadata[f"deepseek2.{key}"] == value, key
+    assert metadata["tokenizer.ggml.model"] == "gpt2" and metadata["tokenizer.ggml.pre"] == "gpt-2"  # GPT-2's BPE
+    assert metadata["tokenizer.ggml.eos_token_id"] == EOT_ID
+    assert {"blk.0.attn_k_b.weight", "blk.0.attn_v_b.weight"} <= set(tensors)  # kv_b_proj split for MLA decode
+    assert "output.weight" not in tensors  # tied: llama.cpp reads token_embd, lm_head.weight is skipped
+    assert ("blk.0.attn_q.weight" in tensors) == (c.q_lora_rank == 0)
+
+    fixes = gguf_convert.needed_fixes(c, metadata)
+    if c.q_lora_rank:
+        assert loader_violations(metadata, c.n_layer) == [] and fixes == {}
+        return
+    assert loader_violations(metadata, c.n_layer) == ["no attention.q_lora_rank"]
+    assert fixes == {"deepseek2.attention.q_lora_rank": ("UINT32", 0)}
+    gguf_convert.rewrite(gguf, converted, tmp_path / "fixed.gguf", fixes)
+    fixed, fixed_tensors = gguf_convert.read_metadata(gguf, tmp_path / "fixed.gguf")
+    assert fixed == {**metadata, "deepseek2.attention.q_lora_rank": 0} and fixed_tensors == tensors
+    assert loader_violations(fixed, c.n_layer) == []
