@@ -60,6 +60,7 @@ differs is only how they write things down:
   fine-tuning). block_size is max_position_embeddings.
 """
 import json
+import textwrap
 from pathlib import Path
 
 import torch
@@ -402,13 +403,14 @@ def card_training(ckpt: dict, config: ModelConfig) -> str:
     except (TypeError, ValueError) as err:
         return f"The checkpoint's train_config cannot be read ({err})."
     schedule, start = tc.schedule, f", starting from `{tc.init_from}`" if tc.init_from else ""
-    return (f"Trained by the exporting project's train.py for {ckpt['step']} steps ({ckpt.get('tokens_seen', 0):,} "
+    text = (f"Trained by the exporting project's train.py for {ckpt['step']} steps ({ckpt.get('tokens_seen', 0):,} "
             f"tokens) on `{tc.data_dir}`{start}: {tc.optimizer} at peak lr {schedule.peak:g} (warmup "
             f"{schedule.warmup} steps, cosine to {schedule.floor:g} at step {schedule.decay_end}), weight decay "
             f"{tc.weight_decay:g}, {tc.batch_size} x {tc.grad_accum} sequences of {config.block_size} tokens per "
             f"step, dropout {config.dropout:g}, seed {tc.seed}. Best validation loss "
             f"{ckpt.get('best_val_loss', float('nan')):.4f} nats/token (train.py's estimate on {tc.eval_iters} "
             f"batches, every {tc.eval_interval} steps).")
+    return textwrap.fill(text, width=116)
 
 
 def card_loading(config: ModelConfig) -> str:

@@ -157,7 +157,7 @@ def make_gguf(converter: Path, hf_dir: Path, config: ModelConfig, target: Path, 
             gguf_convert.rewrite(gguf, converted, tmp, fixes)
         else:
             os.replace(converted, tmp)
-    added = ", ".join(f"{key} = {value:.6g}" for key, (_, value) in fixes.items()) or "none needed"
+    added = ", ".join(f"{key} = {value:.9g}" for key, (_, value) in fixes.items()) or "none needed"
     print(f"{target}: converted in {time.perf_counter() - begin:.1f} s; metadata added: {added}", flush=True)
     return log, target
 

@@ -141,7 +141,7 @@ def test_export_is_complete_and_every_file_is_mode_0644(export):
 
 
 def test_model_card_says_how_the_checkpoint_was_trained(export):
-    card = (export[1] / "README.md").read_text(encoding="utf-8")
+    card = " ".join((export[1] / "README.md").read_text(encoding="utf-8").split())
     assert "for 7 steps (7,168 tokens) on `data/shakespeare`: muon at peak lr 0.003" in card
     assert "seed 5. Best validation loss 4.2500 nats/token" in card
 
