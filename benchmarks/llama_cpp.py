@@ -174,7 +174,8 @@ def llama_worker(python: str, log):
         process.stdin.flush()
         line = process.stdout.readline()
         if not line:
-            raise CLIError(f"llama.cpp's process ended (exit code {process.wait()}) during {op}")
+            raise CLIError(f"llama.cpp's process ended (exit code {process.wait()}) during {op}; its log is "
+                           f"{LOG_FILE} in --out-dir")
         reply = json.loads(line)
         if "error" in reply:
             raise CLIError(f"llama.cpp: {reply['error']}")
