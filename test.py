@@ -17,7 +17,7 @@ from cli import (ArgumentParser, CLIError, non_negative_float, number, parse_jso
                  seed_int)
 from dataset import PreparedData
 from evaluation import evaluate
-from model import Transformer, compile_decode_step, left_pad
+from model import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, Transformer, compile_decode_step, left_pad
 from model_config import ModelConfig
 from runtime import DTYPES, check_memory, keep_freed_memory, pick_device
 from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, add_argument as add_tokenizer_argument
@@ -207,8 +207,8 @@ def parse_args(argv=None):
     prompt.add_argument("--prompt-file", help="UTF-8 file holding the prompt, or a .jsonl file of prompts, one "
                                               "{\"text\": ...} per line, sampled together")
     s.add_argument("--max-new-tokens", type=positive_int, default=256, help="at most block_size - prompt tokens")
-    s.add_argument("--temperature", type=non_negative_float, default=0.8, help="0: greedy")
-    s.add_argument("--top-k", type=positive_int, default=200, help="sample among the k likeliest tokens")
+    s.add_argument("--temperature", type=non_negative_float, default=DEFAULT_TEMPERATURE, help="0: greedy")
+    s.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K, help="sample among the k likeliest tokens")
     s.add_argument("--top-p", type=number(float, above=0, maximum=1), help="sample among the likeliest tokens "
                    "holding this much probability, in (0, 1] (default: off)")
     s.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt, all decoded as one batch")

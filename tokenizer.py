@@ -47,6 +47,11 @@ class Tokenizer:
         """The exact bytes of token ids (a token may hold part of a multibyte character)."""
         return self._enc.decode_bytes(ids)
 
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        """Every token but <|endoftext|>: its bytes -> its rank, which is its id (hf_tokenizer.py recovers the
+        merges from them)."""
+        return self._enc._mergeable_ranks  # tiktoken keeps them only under this private name
+
 
 def add_argument(parser):
     """Add --tokenizer-file, for scripts that tokenize."""

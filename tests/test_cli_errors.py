@@ -20,7 +20,8 @@ from checkpoint import load_checkpoint
 from conftest import REPO, write_byte_data
 
 SCRIPTS = ["train.py", "test.py --ckpt a.pt", "data_prepare.py", "compare.py", "convert_hf.py export --ckpt a.pt --out-dir b",
-           "benchmarks/bench_decode.py", "benchmarks/bench_train.py"]
+           "benchmarks/bench_decode.py", "benchmarks/bench_train.py",
+           "benchmarks/llama_cpp.py --preset tiny --out-dir b"]
 
 
 def assert_one_error_line(stderr: str, expected: str):
