@@ -60,7 +60,6 @@ differs is only how they write things down:
   fine-tuning). block_size is max_position_embeddings.
 """
 import json
-import textwrap
 from pathlib import Path
 
 import torch
@@ -70,10 +69,9 @@ from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cli import (ArgumentParser, CLIError, atomic_write_all, owned_directory, read_json, refuse_overwrite, regular_file,
                  require, run)
 from model import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, RowBlock, Transformer
+from model_card import model_card
 from model_config import ModelConfig
-from report import markdown_table
-from tokenizer import EOT_ID, VOCAB_SIZE
-from training import TrainConfig, saved_train_config
+from tokenizer import EOT_ID, VOCAB_SIZE, holds_gpt2_ids
 
 HF_LATENT_NORM_EPS = 1e-6  # transformers' eps for q_a_layernorm and kv_a_layernorm, fixed
 TOKENIZER_NOTE = ("GPT-2 BPE (tiktoken r50k_base, the same as Hugging Face's 'gpt2' tokenizer); "
@@ -322,119 +320,16 @@ def from_hf_config(hf: dict) -> tuple[ModelConfig, bool]:
 
 # ---- the directory's other files ----------------------------------------------------------------
 
-def holds_gpt2_ids(config: ModelConfig) -> bool:
-    """Whether the model's vocabulary holds GPT-2's 50257 ids, the tokens it is trained on here."""
-    return config.vocab_size >= VOCAB_SIZE
-
-
 def to_generation_config(config: ModelConfig) -> dict:
     """generation_config.json: test.py's sampling defaults, <|endoftext|> to stop and to pad, and the vocabulary's
     padding ids suppressed. No max_length: transformers then makes 20 new tokens unless told, and a call that
     passes max_new_tokens does not warn that both are set."""
     generation = {"do_sample": True, "temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K}
-    if holds_gpt2_ids(config):
+    if holds_gpt2_ids(config.vocab_size):
         generation |= {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID}
     if config.vocab_size > VOCAB_SIZE:
         generation["suppress_tokens"] = list(range(VOCAB_SIZE, config.vocab_size))
     return generation
-
-
-def model_card(ckpt: dict, config: ModelConfig, ckpt_path) -> str:
-    """README.md: what the model is, its config, how it was trained, how to load it offline, and how far other
-    engines take it."""
-    ckpt_path = Path(ckpt_path)
-    return f"""---
-library_name: transformers
-pipeline_tag: text-generation
-tags: [deepseek_v3, mla, multi-head-latent-attention]
----
-# {ckpt_path.parent.name}/{ckpt_path.name}: a GPT-style language model with Multi-Head Latent Attention
-
-A decoder-only language model whose attention is DeepSeek-V2's Multi-Head Latent Attention (MLA), exported from
-the checkpoint `{ckpt_path}` to transformers' DeepSeek-V3 format (`DeepseekV3ForCausalLM`): dense (every layer's
-FFN is a SwiGLU MLP; no experts, no multi-token prediction), float32 weights.
-
-## Config
-
-{markdown_table(["field", "value"], card_config_rows(config))}
-## Training
-
-{card_training(ckpt, config)}
-
-## Loading
-
-{card_loading(config)}
-
-## Other engines
-
-- llama.cpp: its `convert_hf_to_gguf.py` converts this directory to a `deepseek2` GGUF, which llama.cpp runs on
-  its MLA path. A model without query compression (`q_lora_rank` null), or with YaRN whose `mscale` differs from
-  `mscale_all_dim`, needs GGUF metadata the converter does not write; the exporting project's
-  `benchmarks/llama_cpp.py` adds it and checks the logits against the original model.
-- vLLM: `lm_head.weight` is in the file, as vLLM's DeepSeek model does not tie it to the embedding. Its MLA
-  kernels take a latent of kv_lora_rank + qk_rope_head_dim = 512 + 64 (CPU, and most GPU kernels) or 256 + 64
-  (its generic GPU path); this model's is {config.kv_lora_rank} + {config.qk_rope_head_dim}.
-"""
-
-
-def card_config_rows(config: ModelConfig) -> list[list[str]]:
-    q = f"{config.q_lora_rank}" if config.q_lora_rank else "none (q_proj)"
-    rope = f"theta {config.rope_theta:g}"
-    if config.rope_scaling == "yarn":
-        rope += (f", YaRN x{config.rope_factor:g} of {config.original_seq_len} (mscale {config.mscale:g}, "
-                 f"mscale_all_dim {config.mscale_all_dim:g})")
-    rows = [("layers", config.n_layer), ("width", config.d_model), ("heads", config.n_head), ("q_lora_rank", q),
-            ("kv_lora_rank", config.kv_lora_rank),
-            ("head dims: nope / rope / v", f"{config.qk_nope_head_dim} / {config.qk_rope_head_dim} / "
-                                           f"{config.v_head_dim}"),
-            ("SwiGLU FFN width", config.ffn_hidden), ("context (tokens)", config.block_size), ("RoPE", rope),
-            ("vocabulary", config.vocab_size), ("tied embeddings", config.tie_embeddings),
-            ("parameters", f"{config.num_params():,}"),
-            ("KV cache per token", f"{config.kv_lora_rank} + {config.qk_rope_head_dim} values per layer")]
-    return [[name, f"{value}"] for name, value in rows]
-
-
-def card_training(ckpt: dict, config: ModelConfig) -> str:
-    """How the checkpoint was trained, from what train.py saved in it."""
-    if "train_config" not in ckpt or "step" not in ckpt:
-        return "The checkpoint records no training run (random weights, or weights imported from elsewhere)."
-    try:
-        tc = TrainConfig(**saved_train_config(ckpt))
-    except (TypeError, ValueError) as err:
-        return f"The checkpoint's train_config cannot be read ({err})."
-    schedule, start = tc.schedule, f", starting from `{tc.init_from}`" if tc.init_from else ""
-    text = (f"Trained by the exporting project's train.py for {ckpt['step']} steps ({ckpt.get('tokens_seen', 0):,} "
-            f"tokens) on `{tc.data_dir}`{start}: {tc.optimizer} at peak lr {schedule.peak:g} (warmup "
-            f"{schedule.warmup} steps, cosine to {schedule.floor:g} at step {schedule.decay_end}), weight decay "
-            f"{tc.weight_decay:g}, {tc.batch_size} x {tc.grad_accum} sequences of {config.block_size} tokens per "
-            f"step, dropout {config.dropout:g}, seed {tc.seed}. Best validation loss "
-            f"{ckpt.get('best_val_loss', float('nan')):.4f} nats/token (train.py's estimate on {tc.eval_iters} "
-            f"batches, every {tc.eval_interval} steps).")
-    return textwrap.fill(text, width=116)
-
-
-def card_loading(config: ModelConfig) -> str:
-    if not holds_gpt2_ids(config):
-        return (f"`AutoModelForCausalLM.from_pretrained(\"DIR\")` loads it. There is no tokenizer: the vocabulary "
-                f"of {config.vocab_size} ids is smaller than GPT-2's {VOCAB_SIZE}, so they are not GPT-2's tokens.")
-    return f"""Everything is in this directory, GPT-2's tokenizer included; `HF_HUB_OFFLINE=1` makes sure nothing is
-fetched.
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-tokenizer = AutoTokenizer.from_pretrained("DIR")
-model = AutoModelForCausalLM.from_pretrained("DIR")
-generate = pipeline("text-generation", model="DIR")
-print(generate("ROMEO:", max_new_tokens=50, do_sample=False)[0]["generated_text"])  # greedy
-```
-
-`generate()` samples at temperature {DEFAULT_TEMPERATURE:g} with top-k {DEFAULT_TOP_K} unless told otherwise,
-stops at `<|endoftext|>` (id {EOT_ID}) and never produces the vocabulary's padding ids. Keep the prompt and the new
-tokens within {config.block_size}, the context the model takes: transformers does not stop there (the pipeline
-makes 256 new tokens unless told).
-
-`<|endoftext|>` written in a prompt is read by this tokenizer as the special token {EOT_ID}, where the exporting
-project's own tokenizer reads it as plain text; pass `split_special_tokens=True` to read it as plain text here."""
 
 
 def json_text(value: dict) -> str:
@@ -443,7 +338,7 @@ def json_text(value: dict) -> str:
 
 def export_texts(ckpt: dict, config: ModelConfig, ckpt_path) -> dict[str, str]:
     """Every file of the export but the weights, by name, in EXPORT_FILES' order (config.json last)."""
-    texts = hf_tokenizer.tokenizer_files(config.block_size) if holds_gpt2_ids(config) else {}
+    texts = hf_tokenizer.tokenizer_files(config.block_size) if holds_gpt2_ids(config.vocab_size) else {}
     return {**texts, "generation_config.json": json_text(to_generation_config(config)),
             "README.md": model_card(ckpt, config, ckpt_path), "config.json": json_text(to_hf_config(config))}
 

@@ -20,7 +20,7 @@ from evaluation import evaluate
 from model import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, Transformer, compile_decode_step, left_pad
 from model_config import ModelConfig
 from runtime import DTYPES, check_memory, keep_freed_memory, pick_device
-from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, add_argument as add_tokenizer_argument
+from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, add_argument as add_tokenizer_argument, holds_gpt2_ids
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def sample_command(model: Transformer, args, device):
     """Continue every prompt --num-samples times, all as one batch. One sample streams as it is generated;
     several are printed whole, each after its prompt, between lines of dashes."""
     texts = read_prompts(args)
-    if model.config.vocab_size < VOCAB_SIZE:
+    if not holds_gpt2_ids(model.config.vocab_size):
         raise CLIError(f"the model knows {model.config.vocab_size} token ids, fewer than GPT-2's tokenizer's "
                        f"{VOCAB_SIZE}: it was not trained on GPT-2 tokens, so there is nothing to sample with")
     tok = Tokenizer(args.tokenizer_file)

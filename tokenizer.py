@@ -23,6 +23,11 @@ RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 FILE_ENV = "MLA_TIKTOKEN_FILE"
 
 
+def holds_gpt2_ids(vocab_size: int) -> bool:
+    """Whether a model of vocab_size token ids takes GPT-2's 50257 (a byte-level model, say, does not)."""
+    return vocab_size >= VOCAB_SIZE
+
+
 class Tokenizer:
     """GPT-2 BPE. encode() treats "<|endoftext|>" inside text as plain text; EOT_ID separates documents."""
 
