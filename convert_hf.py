@@ -55,7 +55,7 @@ differs is only how they write things down:
 - Generation: generation_config.json samples as test.py does by default (temperature, top-k), stops at and pads
   with <|endoftext|>, and suppresses the padding ids, which test.py never samples. It has no max_length: with
   one, every generate() call that passes max_new_tokens warns.
-- Files are mode 0666 & ~umask, as the user's other files (cli.atomic_write_all; safetensors alone makes 0600).
+- Files are mode 0666 & ~umask, as the user's other files (fileio.atomic_write_all; safetensors alone makes 0600).
 - Dropout: transformers has only attention dropout; export writes 0, import sets dropout 0 (pass your own when
   fine-tuning). block_size is max_position_embeddings.
 """
@@ -66,8 +66,8 @@ import torch
 
 import hf_tokenizer
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from cli import (ArgumentParser, CLIError, atomic_write_all, owned_directory, read_json, refuse_overwrite, regular_file,
-                 require, run)
+from cli import ArgumentParser, CLIError, run
+from fileio import atomic_write_all, owned_directory, read_json, refuse_overwrite, regular_file, require
 from model import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, RowBlock, Transformer
 from model_card import model_card
 from model_config import ModelConfig

@@ -1,7 +1,7 @@
 """The model's architecture in one dataclass, its named presets, and the numbers derived from it."""
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from cli import check_field_types
+from fileio import check_field_types
 
 ATTENTION_KINDS = ("mla", "mha", "gqa")
 ROPE_SCALINGS = ("none", "yarn")

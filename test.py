@@ -13,15 +13,15 @@ from collections.abc import Iterator
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from cli import (ArgumentParser, CLIError, non_negative_float, number, parse_json, positive_int, regular_file, run,
-                 seed_int)
+from cli import ArgumentParser, CLIError, non_negative_float, number, positive_int, run, seed_int
 from dataset import PreparedData
 from evaluation import evaluate
+from fileio import parse_json, regular_file
 from model import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, Transformer, compile_decode_step, left_pad
 from model_config import ModelConfig
 from runtime import DTYPES, check_memory, keep_freed_memory, pick_device
-from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, add_argument as add_tokenizer_argument, holds_gpt2_ids
-
+from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, holds_gpt2_ids
+from tokenizer import add_argument as add_tokenizer_argument
 
 # ---- sampling -----------------------------------------------------------------------------------
 

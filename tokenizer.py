@@ -14,6 +14,7 @@ import tiktoken
 from tiktoken_ext import openai_public
 
 import cli
+import fileio
 
 NAME = "r50k_base"
 VOCAB_SIZE = 50257
@@ -68,7 +69,7 @@ def add_argument(parser):
 
 
 def _encoding_from_file(path) -> tiktoken.Encoding:
-    path = cli.regular_file(path, "tokenizer file")
+    path = fileio.regular_file(path, "tokenizer file")
     try:
         data = path.read_bytes()
     except OSError as err:

@@ -18,9 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_weights, save_checkpoint
-from cli import (MAX_SEED, CLIError, atomic_write, check_field_types, first_line, is_of, owned_directory, parse_json,
-                 require)
+from cli import MAX_SEED, CLIError, first_line
 from dataset import PreparedData
+from fileio import atomic_write, check_field_types, is_of, owned_directory, parse_json, require
 from model import Transformer
 from model_config import ModelConfig
 from optim import DEFAULT_OPTIMIZER, OPTIMIZERS, TUNED_LR, Schedule, make_optimizer, train_step

@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import convert_hf  # noqa: E402
 import gguf_convert  # noqa: E402
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
-from cli import (ArgumentParser, CLIError, atomic_write, number, owned_directory, positive_int,  # noqa: E402
-                 refuse_overwrite, run)
+from cli import ArgumentParser, CLIError, number, positive_int, run  # noqa: E402
 from decode_benchmark import random_cache, timed  # noqa: E402
+from fileio import atomic_write, owned_directory, refuse_overwrite  # noqa: E402
 from model import Transformer  # noqa: E402
 from model_config import PRESETS, ModelConfig  # noqa: E402
 from report import markdown_table, table_header, table_row  # noqa: E402
