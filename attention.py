@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_config import ModelConfig
+from model_config import ModelConfig, yarn_mscale
 
 
 # ---- rotary position embedding ------------------------------------------------------------------
@@ -49,12 +49,6 @@ def yarn_inv_freq(inv_freq: torch.Tensor, theta: float, c: ModelConfig) -> torch
         high += 0.001  # as the reference code: avoids dividing by zero
     ramp = ((torch.arange(inv_freq.numel(), dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     return torch.lerp(inv_freq, inv_freq / c.rope_factor, ramp)  # exactly inv_freq when rope_factor is 1
-
-
-def yarn_mscale(factor: float, mscale: float) -> float:
-    """YaRN's attention temperature sqrt(1/t) = 0.1 ln(factor) + 1 (arXiv 2309.00071, eq. 22), with DeepSeek's
-    coefficient mscale on the log; 1 for factor <= 1."""
-    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 def softmax_scale(config: ModelConfig, qk_dim: int) -> float:

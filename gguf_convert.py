@@ -23,9 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from attention import yarn_mscale
 from cli import CLIError
-from model_config import ModelConfig
+from model_config import ModelConfig, yarn_mscale
 
 CONVERTER_ENV = "LLAMA_CPP_CONVERTER"
 ARCH = "deepseek2"  # llama.cpp's architecture for DeepSeek-V2 and V3 models

@@ -1,10 +1,17 @@
 """The model's architecture in one dataclass, its named presets, and the numbers derived from it."""
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from fileio import check_field_types
 
 ATTENTION_KINDS = ("mla", "mha", "gqa")
 ROPE_SCALINGS = ("none", "yarn")
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's attention temperature sqrt(1/t) = 0.1 ln(factor) + 1 (arXiv 2309.00071, eq. 22), with DeepSeek's
+    coefficient mscale on the log; 1 for factor <= 1."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 @dataclass(frozen=True)
