@@ -3,6 +3,7 @@ negative control, an MQA source end to end, the attention classes' per-head weig
 decode paths and DeepSeek-V3 export, one-shot loss against rank on a small trained source, and one-line errors."""
 import copy
 import itertools
+import json
 import math
 import subprocess
 import sys
@@ -464,21 +465,36 @@ def test_missing_calibration_data_is_refused(checkpoints, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_the_cli_writes_a_checkpoint_that_loads_refuses_to_overwrite_and_errs_in_one_line(checkpoints, random_data,
-                                                                                          tmp_path):
+def test_the_cli_writes_a_checkpoint_that_loads_and_replaces_it_only_with_force(checkpoints, random_data, tmp_path):
     out = tmp_path / "o.pt"
-    script = [sys.executable, str(REPO / "convert_mla.py"), "--ckpt", str(checkpoints["gqa"]), "--out", str(out),
-              "--data-dir", str(random_data.data_dir), "--kv-lora-rank", "12", "--rope-dim", "4",
-              "--calib-tokens", "1024"]
-    good = subprocess.run(script, capture_output=True, text=True, check=False)
+    argv = ["--ckpt", str(checkpoints["gqa"]), "--out", str(out), "--data-dir", str(random_data.data_dir),
+            "--kv-lora-rank", "12", "--rope-dim", "4", "--calib-tokens", "1024"]
+    good = subprocess.run([sys.executable, str(REPO / "convert_mla.py"), *argv], capture_output=True, text=True,
+                          check=False)
     assert good.returncode == 0, good.stderr
     ckpt = load_checkpoint(out)
     assert ckpt["model_config"]["kv_lora_rank"] == 12 and len(ckpt["conversion"]["layers"]) == 2
-    bad = subprocess.run(script, capture_output=True, text=True, check=False)  # --out exists now
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
-    assert "pass --force" in bad.stderr
-    convert_mla.main([*script[2:], "--force"])
+    with pytest.raises(CLIError, match="pass --force"):
+        convert_mla.main([*argv[:-6], "--kv-lora-rank", "8", "--rope-dim", "4"])
     assert load_checkpoint(out)["model_config"]["kv_lora_rank"] == 12
+    convert_mla.main([*argv[:-6], "--kv-lora-rank", "8", "--rope-dim", "4", "--force"])
+    assert load_checkpoint(out)["model_config"]["kv_lora_rank"] == 8
+
+
+def test_the_sweep_writes_every_variant_and_the_exact_one_is_exact(random_data, tmp_path):
+    """benchmarks/conversion_sweep.py on an MQA source: a header and a line a variant; the whole head as k_rope
+    at full rank without the latent norm is the source (float32)."""
+    from benchmarks import conversion_sweep
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB, **SOURCES["mqa"]))
+    randomize(model)
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "mqa.pt")
+    conversion_sweep.main(["--ckpt", str(tmp_path / "mqa.pt"), "--data-dir", str(random_data.data_dir),
+                           "--out", str(tmp_path / "sweep.jsonl"), "--calib-tokens", "1024"])
+    header, *rows = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
+    assert header["n_variants"] == len(rows) == len(conversion_sweep.variants(model.config))
+    exact = [row for row in rows if row["variant"] == {"kv_lora_rank": 16, "rope_dim": 16, "latent_norm": "none"}]
+    assert exact and all(abs(row["gap"]) < 1e-4 for row in exact), exact  # twice: full rank is the whole head
 
 
 def test_calibration_windows_are_deterministic_and_spread(random_data):
