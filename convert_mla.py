@@ -22,6 +22,7 @@ from latent_conversion import (
     DECOMPOSITIONS,
     LATENT_NORMS,
     ConvertOptions,
+    add_source_arguments,
     check_kind,
     check_source,
     convert,
@@ -44,7 +45,7 @@ def alpha_value(text: str) -> float | str:
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--ckpt", required=True, help="source checkpoint: mha, or gqa (n_kv_head 1 is MQA)")
+    add_source_arguments(p)
     p.add_argument("--out", required=True, help="MLA checkpoint to write")
     p.add_argument("--data-dir", default="data/shakespeare", help="prepared data (data_prepare.py's) to calibrate on: "
                                                                   "its train split")
@@ -59,8 +60,6 @@ def main(argv=None):
                         "(1: none)")
     p.add_argument("--latent-norm", default="fit", choices=LATENT_NORMS,
                    help="fit: kv_a_layernorm with least-squares weights; fit-full: weights 1 and kv_b_proj refitted")
-    p.add_argument("--calib-tokens", type=positive_int, default=262_144, help="calibration tokens (train split)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="calibration windows per forward")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     out = Path(args.out)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import CLIError
+from cli import CLIError, positive_int
 from dataset import PreparedData
 from model import Transformer
 from model_config import ModelConfig
@@ -436,6 +436,10 @@ def norm_moments(model: Transformer, windows: torch.Tensor, variants: list[list[
 
 # ---- the whole conversion ------------------------------------------------------------------------
 
+CALIB_TOKENS = 262_144  # 2,048 windows of 128 tokens: TransMLA's 128 x 256 tokens, eight times over
+CALIB_BATCH_SIZE = 16
+
+
 @dataclass
 class ConvertOptions:
     kv_lora_rank: int
@@ -443,8 +447,17 @@ class ConvertOptions:
     decomposition: str = "pca"  # pca | svd
     alpha: float | str = "auto"  # "calibrated" (balance_alpha), a number, or "auto": calibrated for pca, 1 for svd
     latent_norm: str = "fit"  # fit | fit-full
-    calib_tokens: int = 262_144
-    batch_size: int = 16
+    calib_tokens: int = CALIB_TOKENS
+    batch_size: int = CALIB_BATCH_SIZE
+
+
+def add_source_arguments(parser) -> None:
+    """Add --ckpt (the source) and the calibration's --calib-tokens and --batch-size, for scripts that convert."""
+    parser.add_argument("--ckpt", required=True, help="source checkpoint: mha, or gqa (n_kv_head 1 is MQA)")
+    parser.add_argument("--calib-tokens", type=positive_int, default=CALIB_TOKENS,
+                        help="calibration tokens (train split)")
+    parser.add_argument("--batch-size", type=positive_int, default=CALIB_BATCH_SIZE,
+                        help="calibration windows per forward")
 
 
 def check_kind(config: ModelConfig) -> None:

@@ -15,12 +15,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from cli import ArgumentParser, positive_int, run  # noqa: E402
+from cli import ArgumentParser, run  # noqa: E402
 from dataset import PreparedData  # noqa: E402
 from evaluation import evaluate  # noqa: E402
 from fileio import atomic_write, refuse_overwrite  # noqa: E402
 from latent_conversion import (  # noqa: E402
     ConvertOptions,
+    add_source_arguments,
     calibration_windows,
     check_kind,
     convert_layers,
@@ -63,11 +64,9 @@ def variants(config) -> list[dict]:
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--ckpt", required=True, help="source checkpoint: mha, or gqa (n_kv_head 1 is MQA)")
+    add_source_arguments(p)
     p.add_argument("--data-dir", required=True, help="prepared data: calibration on train, loss on val")
     p.add_argument("--out", required=True, help="JSON lines file to write")
-    p.add_argument("--calib-tokens", type=positive_int, default=262_144, help="calibration tokens (train split)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="calibration windows per forward")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     out = Path(args.out)
