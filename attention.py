@@ -180,6 +180,27 @@ class MultiHeadLatentAttention(nn.Module):
                 "kv_a_proj_with_mqa.weight": [RowBlock("c_kv", self.r), RowBlock("k_rope", self.dr, rotary=True)],
                 "kv_b_proj.weight": [RowBlock("k_nope", self.dn), RowBlock("v", self.dv)] * self.n_head}
 
+    def head_weights(self) -> dict[str, torch.Tensor]:
+        """Every row block of stacked_rows, by part, one per head, and W_O by head: q_nope (H, dn, Dq) and q_rope
+        (H, dr, Dq) (Dq is q_lora_rank, or D without query compression), c_kv (1, r, D) and k_rope (1, dr, D)
+        (shared by all heads), k_nope (H, dn, r), v (H, dv, r), o (D, H, dv). RoPE turns pairs (i, i + dr/2) of
+        q_rope and k_rope. Detached views of the weights."""
+        parts = {}
+        for name, blocks in self.stacked_rows().items():
+            rows = self.get_parameter(name).detach().split([block.rows for block in blocks])
+            for block, weight in zip(blocks, rows):
+                parts.setdefault(block.part, []).append(weight)
+        heads = {part: torch.stack(weights) for part, weights in parts.items()}
+        return heads | {"o": self.o_proj.weight.detach().view(-1, self.n_head, self.dv)}
+
+    @torch.no_grad()
+    def load_head_weights(self, heads: dict[str, torch.Tensor]) -> None:
+        """Set the projections from weights by part and head, as head_weights returns them."""
+        for name, blocks in self.stacked_rows().items():
+            parts = {part: iter(weights) for part, weights in heads.items()}  # each part's next head
+            self.get_parameter(name).copy_(torch.cat([next(parts[block.part]) for block in blocks]))
+        self.o_proj.weight.copy_(heads["o"].reshape_as(self.o_proj.weight))
+
     def forward(self, x, cos, sin, mask=None, cache: LayerCache | None = None, input_pos=None,
                 absorb: bool = True) -> torch.Tensor:
         """x (B, T, D), cos/sin (B or 1, T, dr/2) for the T new positions -> (B, T, D).
@@ -294,6 +315,16 @@ class GroupedQueryAttention(nn.Module):
     def stacked_rows(self) -> dict[str, list[RowBlock]]:
         """No weight here stacks matrices that are stepped apart: each projection is one matrix to the optimiser."""
         return {}
+
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projections by head: q (H, hd, D), k and v (G, hd, D), o (D, H, hd). Query head h attends with
+        key/value head h // (H / G); RoPE turns pairs (i, i + hd/2) of q and k, pair i at theta^(-2i / hd).
+        Detached views of the weights."""
+        D = self.q_proj.in_features
+        return (self.q_proj.weight.detach().view(self.n_head, self.hd, D),
+                self.k_proj.weight.detach().view(self.n_kv, self.hd, D),
+                self.v_proj.weight.detach().view(self.n_kv, self.hd, D),
+                self.o_proj.weight.detach().view(D, self.n_head, self.hd))
 
     def forward(self, x, cos, sin, mask=None, cache: LayerCache | None = None, input_pos=None,
                 absorb: bool = True) -> torch.Tensor:
