@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from attention import MultiHeadLatentAttention, latent_attention, latent_attention_matmul
+from attention import MultiHeadLatentAttention
 from conftest import KIND_IDS, KINDS, VOCAB, random_tokens, tiny_model
+from kernels import attention_matmul, latent_attention
 from model import left_pad
 from model_config import ModelConfig
 
@@ -65,7 +66,7 @@ def test_latent_attention_formulations_agree(rows_per_mask):
     mask[0, ..., 30:] = -math.inf
     mask[1, ..., :7] = -math.inf
     fused = latent_attention(q, latent, mask, 0.3)  # the CPU's choice: SDPA's fused kernel
-    torch.testing.assert_close(latent_attention_matmul(q, latent, mask, 0.3), fused, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(attention_matmul(q, latent, latent, mask, 0.3), fused, atol=1e-6, rtol=1e-5)
     scores = (q @ latent.transpose(-1, -2)) * 0.3 + mask
     torch.testing.assert_close(fused, scores.softmax(-1) @ latent, atol=1e-6, rtol=1e-5)
 
