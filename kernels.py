@@ -4,10 +4,19 @@ attention.py calls them: grouped_attention (MHA/GQA, and MLA when it decompresse
 (MLA's absorbed decode over its latent cache).
 
 Shape letters: B batch, H query heads, G key/value heads, T new tokens, M query rows (heads x new tokens,
-folded), S cache slots, E key width.
+folded), S cache slots, E key width, C context chunks.
 """
+import math
+
 import torch
 import torch.nn.functional as F
+
+
+@torch._dynamo.assume_constant_result
+def threads() -> int:
+    """torch.get_num_threads(), read as a constant when torch.compile traces a step (it would break the graph
+    otherwise): a compiled step keeps the thread count it was traced with."""
+    return torch.get_num_threads()
 
 
 # ---- the cores both attention kinds share -------------------------------------------------------
@@ -50,13 +59,93 @@ def attention_matmul(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
 def latent_attention(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q latent^T * scale + mask) latent for one key/value head shared by every query row:
     q (B, 1, M, E), latent (B, 1, S, E), mask (B, 1, M or 1, S) -> (B, 1, M, E). The caller keeps the first r
-    columns (c_KV's part). Both formulations read the cache in place and put the scale on the query.
+    columns (c_KV's part). Every formulation reads the cache in place and puts the scale on the query.
 
-    On the CPU, SDPA's fused kernel: it takes key and value of one width only, so the whole latent goes in as
-    the value (with a narrower value slice SDPA falls back to its math path, which rescales the whole cache at
-    every step: 3-7x slower at batch 8 and 4,096 positions on the 2-core dev CPU). On CUDA that kernel does not
-    exist for widths over 256 and the one that does runs one thread block per batch row, so two matmuls,
-    spread over every SM by cuBLAS, with the softmax between them in float32."""
+    On the CPU, SDPA's fused kernel, split over the context when the batch leaves threads idle (latent_chunks):
+    it takes key and value of one width only, so the whole latent goes in as the value (with a narrower value
+    slice SDPA falls back to its math path, which rescales the whole cache at every step: 3-7x slower at batch 8
+    and 4,096 positions on the 2-core dev CPU). On CUDA that kernel does not exist for widths over 256 and the
+    one that does runs one thread block per batch row, so two matmuls, spread over every SM by cuBLAS, with the
+    softmax between them in float32."""
     if latent.device.type == "cuda":
         return attention_matmul(q, latent, latent, mask, scale)
-    return F.scaled_dot_product_attention(q, latent, latent, attn_mask=mask.to(q.dtype), scale=scale)
+    chunks = latent_chunks(q.size(0), latent.size(2), threads()) if latent.device.type == "cpu" else 1
+    return split_latent_attention(q, latent, mask, scale, chunks)
+
+
+def latent_chunks(batch: int, slots: int, threads: int) -> int:
+    """How many context chunks split_latent_attention takes for batch rows over slots cache slots on threads
+    threads: 1 (no split) when the batch gives every thread a row, else enough that every thread has a chunk,
+    never chunks of fewer than 1,024 slots."""
+    # Per layer, q 12 x 288 over the latent, float32, 2 threads, OMP_WAIT_POLICY=PASSIVE, median of per-round
+    # ratios, 9 rounds, on the shared 2-core AMD EPYC (Zen 5) dev VM under contention (loadavg 4.9-10.2: the
+    # process got 0.4-0.65 of the 2 cores) (issue 18's prototype, sweep_attention.py --kind mla --dtype float32
+    # --contexts 512 2048 8192 16384 32768 --batches 1 8 --rounds 9): batch 1, 2 chunks against the unsplit kernel
+    # 0.72x at 512 slots, 1.20x at 2K, 1.21x at 8K, 1.43x at 16K, 1.22x at 32K; 4 and 8 chunks no better than 2;
+    # batch 8, 0.82-0.98x for every chunk count. Under the default (spinning) OpenMP wait policy the unsplit
+    # kernel took 150-250 ms per layer at batch 1 x 2K, 2 chunks 19 ms. A quiet machine should confirm these.
+    if batch >= threads:
+        return 1
+    return max(1, min(math.ceil(threads / batch), slots // 1024))
+
+
+_flash_attention_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # SDPA's fused CPU kernel, + LSE
+
+
+def split_latent_attention(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, scale: float,
+                           chunks: int) -> torch.Tensor:
+    """latent_attention on SDPA's fused kernel with the S slots cut into chunks pieces laid out as its heads, so
+    that the kernel, which shares its work out by batch x heads x query blocks, has B x chunks pieces instead of
+    B: q (B, 1, M, E), latent (B, 1, S, E) read in place, mask (B, 1, M or 1, S) additive, 1 <= chunks <= S
+    -> (B, 1, M, E). chunks 1 is the unsplit kernel (on any device).
+
+    Every chunk is attended by all M rows (q is broadcast over the chunks, not copied), and the kernel's per-row
+    log-sum-exps merge the chunks exactly (combine_chunks)."""
+    if chunks == 1:
+        return F.scaled_dot_product_attention(q, latent, latent, attn_mask=mask.to(q.dtype), scale=scale)
+    B, _, M, E = q.shape
+    keys = context_chunks(latent, chunks)  # (B, C, L, E)
+    chunk_mask = mask_chunks(mask.to(q.dtype), chunks)  # (B, C, M or 1, L)
+    out, lse = _flash_attention_cpu(q.expand(B, chunks, M, E), keys, keys, attn_mask=chunk_mask, scale=scale)
+    return combine_chunks(out, lse, (chunk_mask > -math.inf).any(dim=-1))
+
+
+def context_chunks(latent: torch.Tensor, chunks: int) -> torch.Tensor:
+    """The latent (B, 1, S, E) as chunks pieces along its slots, a view (no copy) -> (B, C, S // C + S % C, E).
+
+    Chunk i starts at slot i * (S // C) and all are S // C + S % C long, so that the last one ends at slot S - 1
+    and none reads past the cache: neighbours overlap by S % C slots, which mask_chunks hides in the later one."""
+    B, _, S, E = latent.shape
+    step = S // chunks
+    return latent.as_strided((B, chunks, step + S % chunks, E),  # keeps latent's storage offset
+                             (latent.stride(0), step * latent.stride(2), latent.stride(2), latent.stride(3)))
+
+
+def mask_chunks(mask: torch.Tensor, chunks: int) -> torch.Tensor:
+    """The additive mask (B, 1, M or 1, S) cut as context_chunks cuts the latent -> (B, C, M or 1, L), with the
+    slots that a chunk shares with the one before it hidden, so that every slot counts once. A copy only when
+    chunks overlap."""
+    B, _, rows, S = mask.shape
+    step, overlap = S // chunks, S % chunks
+    view = mask.as_strided((B, chunks, rows, step + overlap),
+                           (mask.stride(0), step * mask.stride(3), mask.stride(2), mask.stride(3)))
+    if overlap:
+        view = view.clone()
+        view[:, 1:, :, :overlap] = -math.inf
+    return view
+
+
+def combine_chunks(out: torch.Tensor, lse: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Merge C softmax attentions of the same rows over different slots by their log-sum-exps: out (B, C, M, E),
+    lse (B, C, M) float32, visible (B, C, M or 1) whether the row saw any slot of the chunk -> (B, 1, M, E) in
+    out's dtype.
+
+    The fused CPU kernel returns output 0 and log-sum-exp 0 (not -inf) for a row that sees no slot of its chunk,
+    so visible, from the mask, decides which chunks count. A row that sees no slot at all comes out 0, as the
+    unsplit kernel gives it, never NaN."""
+    lse = lse.masked_fill(~visible, -math.inf)
+    top = lse.amax(dim=1, keepdim=True)
+    top = top.masked_fill(top == -math.inf, 0.0)  # every chunk hidden: every weight is exp(-inf) = 0
+    weight = torch.exp(lse - top)  # (B, C, M)
+    total = weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.einsum("bcm,bcme->bme", weight / total, out.float()).unsqueeze(1).to(out.dtype)

@@ -1,7 +1,7 @@
 """Shared test setup: Tiny Shakespeare and GPT-2's BPE ranks come from ../shared when it is beside the checkout,
 or from the files that MLA_TINY_SHAKESPEARE (its input.txt) and MLA_TIKTOKEN_FILE (r50k_base.tiktoken) name; the
 tests that need them skip, saying why, when they are absent (tests never download). Also the helpers and fixtures
-that several test modules use: tiny models, random tokens, prepared byte-token data, one thread."""
+that several test modules use: tiny models, random tokens, prepared byte-token data, the kernels forced, one thread."""
 import hashlib
 import json
 import os
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dataset
+import kernels
 from model import Transformer
 from model_config import ModelConfig
 
@@ -77,6 +78,14 @@ def byte_data(tmp_path_factory) -> Path:
     """The first 200 kB of Tiny Shakespeare as byte tokens: 180,000 for train, 20,000 for val."""
     tokens = np.frombuffer(shakespeare_bytes(200_000), dtype=np.uint8)
     return write_byte_data(tmp_path_factory.mktemp("bytes"), tokens, val_tokens=20_000)
+
+
+@pytest.fixture(params=["chosen", "forced"])
+def kernel_choice(request, monkeypatch):
+    """A test that uses it runs twice: with kernels.py's choices as they fall for tiny models (tiny caches are too
+    short to split), and with the CPU's alternatives forced: MLA's latent attention split into 3 chunks."""
+    if request.param == "forced":
+        monkeypatch.setattr(kernels, "latent_chunks", lambda batch, slots, threads: 3)
 
 
 @pytest.fixture(scope="module")

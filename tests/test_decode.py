@@ -40,6 +40,7 @@ def reference_latent_decode(attn: MultiHeadLatentAttention, q_nope, q_rope, c_kv
 
 
 @pytest.mark.parametrize("batch, queries", [(1, 1), (3, 1), (1, 4), (3, 4)])
+@pytest.mark.usefixtures("kernel_choice")
 def test_every_decode_formulation_equals_the_reference(batch, queries):
     config = ModelConfig.from_preset("tiny", vocab_size=VOCAB)
     torch.manual_seed(0)
@@ -85,6 +86,7 @@ def test_prefill_decompresses_and_decoding_absorbs(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.usefixtures("kernel_choice")
 def test_rewinding_is_writing_earlier_slots_again(kind):
     model = tiny_model(**kind)
     first, second = random_tokens(2, 30, seed=1), random_tokens(2, 30, seed=2)
@@ -97,6 +99,7 @@ def test_rewinding_is_writing_earlier_slots_again(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.usefixtures("kernel_choice")
 def test_batched_prompts_of_different_lengths_generate_what_each_generates_alone(kind):
     model = tiny_model(**kind)
     prompts = [[5, 6, 7], random_tokens(1, 17)[0].tolist(), [9], random_tokens(1, 8, seed=3)[0].tolist()]
@@ -133,6 +136,7 @@ def test_sampling_never_draws_ids_past_the_vocab_limit():
 
 
 @pytest.mark.parametrize("kind", [dict(attention="mla"), dict(attention="mha")], ids=["mla", "mha"])
+@pytest.mark.usefixtures("kernel_choice")
 def test_compiled_decode_step_equals_eager_and_compiles_once(kind):
     model = tiny_model(**kind)
     prompt = random_tokens(2, 6)
@@ -144,6 +148,7 @@ def test_compiled_decode_step_equals_eager_and_compiles_once(kind):
     assert counter.frame_count == 1  # 23 decode steps, one graph: no recompiles
 
 
+@pytest.mark.usefixtures("kernel_choice")
 def test_decode_step_through_aot_autograd_equals_eager():
     """The compiled graph with its cache writes functionalised (aot_eager: the tracing and functionalisation
     half of inductor, without its C++ code generation, which takes minutes on a 2-core CPU; the benchmark runs

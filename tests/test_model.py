@@ -76,6 +76,7 @@ def test_causality(kind):
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.usefixtures("kernel_choice")
 def test_cached_decode_equals_full_forward(kind, chunk):
     """A prefill of 10 tokens, then chunks of new tokens through the cache: every position's logits equal the
     full forward's; with last_only, each call's last position's."""
@@ -95,6 +96,7 @@ def test_cached_decode_equals_full_forward(kind, chunk):
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.usefixtures("kernel_choice")
 def test_greedy_generate_equals_full_recompute(kind):
     model = tiny_model(**kind)
     prompt = random_tokens(2, 7)
@@ -105,6 +107,7 @@ def test_greedy_generate_equals_full_recompute(kind):
     assert torch.equal(generated, seq)
 
 
+@pytest.mark.usefixtures("kernel_choice")
 def test_absorbed_decode_equals_decompressed_decode_through_the_model(monkeypatch):
     """30 greedy tokens decoded by weight absorption, and with absorb=False (decompressing the cache at every
     step, which never calls attend_absorbed), are the same tokens."""

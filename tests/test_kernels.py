@@ -1,0 +1,102 @@
+"""kernels.py against references, in float32 with tight tolerances on the CPU: the latent attention split over the
+context (padding, several new tokens, chunks that see nothing) and the rule that chooses its chunks."""
+import math
+
+import pytest
+import torch
+
+import kernels
+from conftest import random_tokens, tiny_model
+from kernels import combine_chunks, context_chunks, latent_chunks, mask_chunks, split_latent_attention
+
+TIGHT = dict(atol=2e-6, rtol=2e-6)
+
+
+def reference_latent_attention(q, latent, mask, scale):
+    """softmax(q latent^T * scale + mask) latent in float64: q (B, 1, M, E), latent (B, 1, S, E), mask
+    (B, 1, M or 1, S) -> (B, 1, M, E); a row that sees no slot gives 0, as SDPA's fused CPU kernel does."""
+    scores = (q.double() @ latent.double().transpose(-1, -2)) * scale + mask.double()
+    return torch.nan_to_num(scores.softmax(dim=-1), nan=0.0) @ latent.double()
+
+
+def decode_mask(pad: list[int], first_slot: int, queries: int, slots: int, heads: int) -> torch.Tensor:
+    """model.Cache's additive mask for queries at slots first_slot .. first_slot + queries - 1 of rows left-padded
+    by pad, folded for heads query heads as attend_absorbed folds it: (B, 1, heads * queries or 1, slots)."""
+    mask = torch.full((len(pad), 1, queries, slots), -math.inf)
+    for b, p in enumerate(pad):
+        for t in range(queries):
+            mask[b, 0, t, p:first_slot + t + 1] = 0.0
+    return kernels.fold_mask(mask, heads)
+
+
+# ---- the latent attention split over the context ------------------------------------------------
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("new_tokens", [1, 4])
+@pytest.mark.parametrize("slots", [64, 67, 1000])  # 67 and 1000: not divisible by every chunk count
+@pytest.mark.parametrize("chunks", [1, 2, 3, 8])
+def test_split_latent_attention_equals_the_reference(batch, new_tokens, slots, chunks):
+    torch.manual_seed(slots * 10 + chunks)
+    heads, width = 4, 40
+    mask = decode_mask([0, 9, 30][:batch], slots - new_tokens - 5, new_tokens, slots, heads)  # 5 unwritten slots
+    q, latent = torch.randn(batch, 1, heads * new_tokens, width), torch.randn(batch, 1, slots, width)
+    got = split_latent_attention(q, latent, mask, 0.17, chunks)
+    assert got.shape == q.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), reference_latent_attention(q, latent, mask, 0.17), **TIGHT)
+
+
+def test_chunks_are_views_of_the_latent_in_place_even_at_an_offset():
+    cache = torch.randn(3, 1, 103, 8)
+    latent = cache[1:2]  # a view with a storage offset
+    view = context_chunks(latent, 4)
+    assert view.data_ptr() == latent.data_ptr() and view.shape == (1, 4, 25 + 3, 8)
+    assert torch.equal(view[0, 0, 0], latent[0, 0, 0])  # chunk i starts at slot 25 i ...
+    assert torch.equal(view[0, 2, 0], latent[0, 0, 50])
+    assert torch.equal(view[0, 3, -1], latent[0, 0, -1])  # ... and the last one ends at the last slot
+
+
+def test_overlapping_slots_are_counted_once():
+    chunked = mask_chunks(torch.zeros(1, 1, 1, 10), 3)  # slots 0-3, 3-6, 6-9
+    seen = [3 * c + j for c in range(3) for j in range(4) if chunked[0, c, 0, j] == 0]
+    assert sorted(seen) == list(range(10))
+
+
+def test_chunks_and_rows_that_see_nothing_give_no_nan():
+    """Early in a generation most chunks lie past the newest slot; a row may also see nothing at all (not in a
+    real cache, where a query sees at least itself, but the merge must not rely on it)."""
+    torch.manual_seed(0)
+    q, latent = torch.randn(2, 1, 6, 32), torch.randn(2, 1, 4096, 32)
+    mask = torch.full((2, 1, 6, 4096), -math.inf)
+    mask[0, :, :, :17] = 0.0  # row 0 sees only slots of the first of 8 chunks
+    mask[1, :, :3, 2000:2100] = 0.0  # row 1: three rows see one middle chunk, three see nothing
+    got = split_latent_attention(q, latent, mask, 0.2, 8)
+    assert not got.isnan().any() and (got[1, 0, 3:] == 0).all()
+    torch.testing.assert_close(got.double(), reference_latent_attention(q, latent, mask, 0.2), **TIGHT)
+    torch.testing.assert_close(got, split_latent_attention(q, latent, mask, 0.2, 1), **TIGHT)
+
+
+def test_the_merge_ignores_the_kernels_log_sum_exp_of_zero_for_a_chunk_that_sees_nothing():
+    out = torch.stack([torch.full((1, 2), 5.0), torch.zeros(1, 2)]).unsqueeze(0)  # (B 1, C 2, M 1, E 2)
+    lse = torch.tensor([[[-3.0], [0.0]]])  # the fused kernel's 0 for chunk 1, which saw nothing
+    visible = torch.tensor([[[True], [False]]])
+    torch.testing.assert_close(combine_chunks(out, lse, visible), torch.full((1, 1, 1, 2), 5.0))
+
+
+@pytest.mark.parametrize("batch, slots, threads, chunks", [
+    (1, 2048, 2, 2), (1, 32768, 2, 2), (1, 1500, 2, 1), (1, 512, 2, 1),  # never chunks under 1,024 slots
+    (2, 32768, 2, 1), (8, 32768, 2, 1), (1, 32768, 1, 1),  # the batch already fills the threads
+    (3, 32768, 8, 3), (1, 3000, 8, 2),
+])
+def test_latent_chunks_splits_only_when_the_batch_leaves_threads_idle(batch, slots, threads, chunks):
+    assert latent_chunks(batch, slots, threads) == chunks
+
+
+def test_latent_attention_takes_the_split_kernel_where_latent_chunks_says(monkeypatch):
+    """The rule wired in: a tiny MLA decode step runs the chunked kernel when latent_chunks asks for chunks."""
+    calls = []
+    fused = kernels._flash_attention_cpu
+    monkeypatch.setattr(kernels, "_flash_attention_cpu", lambda *a, **k: calls.append(a[1].size(1)) or fused(*a, **k))
+    monkeypatch.setattr(kernels, "latent_chunks", lambda batch, slots, threads: 3)
+    model = tiny_model()
+    model.generate(random_tokens(2, 5), max_new_tokens=2, temperature=0)
+    assert calls == [3] * 2 * model.config.n_layer  # the prefill of 5 and one decode step, every layer
