@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import fold_mask, grouped_attention, latent_attention
+from kernels import Linear, fold_mask, grouped_attention, latent_attention
 from model_config import ModelConfig
 
 
@@ -136,15 +136,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.max_absorbed_queries = self.r * (self.dn + self.dv) // max(2 * self.r + self.dr - self.dn - self.dv, 1)
         q_out = c.n_head * (self.dn + self.dr)
         if c.q_lora_rank:
-            self.q_a_proj = nn.Linear(c.d_model, c.q_lora_rank, bias=False)  # W_DQ
+            self.q_a_proj = Linear(c.d_model, c.q_lora_rank)  # W_DQ
             self.q_a_layernorm = nn.RMSNorm(c.q_lora_rank, eps=c.norm_eps)
-            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)  # W_UQ (and W_QR)
+            self.q_b_proj = Linear(c.q_lora_rank, q_out)  # W_UQ (and W_QR)
         else:
-            self.q_proj = nn.Linear(c.d_model, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.d_model, self.r + self.dr, bias=False)  # W_DKV and W_KR
+            self.q_proj = Linear(c.d_model, q_out)
+        self.kv_a_proj_with_mqa = Linear(c.d_model, self.r + self.dr)  # W_DKV and W_KR
         self.kv_a_layernorm = nn.RMSNorm(self.r, eps=c.norm_eps)
-        self.kv_b_proj = nn.Linear(self.r, c.n_head * (self.dn + self.dv), bias=False)  # W_UK and W_UV
-        self.o_proj = nn.Linear(c.n_head * self.dv, c.d_model, bias=False)  # W_O
+        self.kv_b_proj = Linear(self.r, c.n_head * (self.dn + self.dv))  # W_UK and W_UV
+        self.o_proj = Linear(c.n_head * self.dv, c.d_model)  # W_O
 
     def cache_shapes(self, batch_size: int, capacity: int) -> list[tuple[int, ...]]:
         return [(batch_size, capacity, self.r + self.dr)]
@@ -240,10 +240,10 @@ class GroupedQueryAttention(nn.Module):
         # temperature on every logit, as MLA gets when mscale = mscale_all_dim (DeepSeek's released configs).
         self.scale = softmax_scale(config, self.hd)
         self.dropout = config.dropout
-        self.q_proj = nn.Linear(config.d_model, self.n_head * self.hd, bias=False)
-        self.k_proj = nn.Linear(config.d_model, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(config.d_model, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.hd, config.d_model, bias=False)
+        self.q_proj = Linear(config.d_model, self.n_head * self.hd)
+        self.k_proj = Linear(config.d_model, self.n_kv * self.hd)
+        self.v_proj = Linear(config.d_model, self.n_kv * self.hd)
+        self.o_proj = Linear(self.n_head * self.hd, config.d_model)
 
     def cache_shapes(self, batch_size: int, capacity: int) -> list[tuple[int, ...]]:
         return [(batch_size, self.n_kv, capacity, self.hd)] * 2

@@ -1,7 +1,7 @@
 """The attention cores and the few-row weight products, each chosen per device and dtype by measurement.
 
 attention.py calls them: grouped_attention (MHA/GQA, and MLA when it decompresses its cache) and latent_attention
-(MLA's absorbed decode over its latent cache).
+(MLA's absorbed decode over its latent cache); Linear is every projection of every variant, and the LM head.
 
 Shape letters: B batch, H query heads, G key/value heads, T new tokens, M query rows (heads x new tokens,
 folded), S cache slots, E key width, C context chunks.
@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @torch._dynamo.assume_constant_result
@@ -149,3 +150,59 @@ def combine_chunks(out: torch.Tensor, lse: torch.Tensor, visible: torch.Tensor) 
     weight = torch.exp(lse - top)  # (B, C, M)
     total = weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return torch.einsum("bcm,bcme->bme", weight / total, out.float()).unsqueeze(1).to(out.dtype)
+
+
+# ---- weight products of few rows ----------------------------------------------------------------
+
+class Linear(nn.Linear):
+    """nn.Linear without bias (the same parameter, so the same state dict) whose product on the CPU is
+    chunked_linear where linear_chunks measured that faster: a decode step's few rows against a large weight."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features)."""
+        rows = x.numel() // x.size(-1)
+        chunks = linear_chunks(rows, *self.weight.shape, x.dtype, threads()) if x.device.type == "cpu" else 1
+        return chunked_linear(x, self.weight, chunks) if chunks > 1 else F.linear(x, self.weight)
+
+
+def linear_chunks(rows: int, out_features: int, in_features: int, dtype: torch.dtype, threads: int) -> int:
+    """How many blocks of output rows chunked_linear cuts an (out_features, in_features) weight into, for rows
+    input rows on threads threads; 1 is plain F.linear. Float32 only; at one row, one block per thread for a
+    weight of the LM head's size (2^24 values or more); at 2-8 rows, 8 blocks for weights of 2^19 values or more
+    with 1,024 output rows or more (LM head, q_b_proj, FFN gate and up); always a count that divides
+    out_features."""
+    # Per weight, 2 threads, OMP_WAIT_POLICY=PASSIVE, each call after a 96 MiB cache flush, 5 rounds, on the shared
+    # 2-core AMD EPYC (Zen 5) dev VM under contention (loadavg 6.9-7.2: the process got about half of the 2 cores;
+    # "p10", the 10th percentile of per-call times, stands for a call that had both) (issue 18's prototype,
+    # sweep_linear.py --dtypes float32 bfloat16 --rows 1 8 --chunks 2 8 --rounds 5). Float32 at one row: the
+    # LM head (50304 x 768) on F.linear (MKL's SGEMM, both threads) 21.1 ms median, 7.6 GB/s at p10, in 2 blocks
+    # 10.1 ms, 16.3 GB/s: 2.1x (8 blocks 1.7x); FFN gate/up, q_b_proj, kv_b_proj and o_proj gained 1.15-1.37x
+    # by p10 but lost or tied by median; q_a_proj, kv_a_proj and GQA's k/v (256-512 x 768) lost, 0.8-0.9x by p10. At 8
+    # rows, 8 blocks against F.linear by p10: LM head 2.15x, q_b_proj 1.49x, FFN gate/up 1.38x, o_proj 1.18x,
+    # FFN down (768 x 2048) 0.88x (2 to 7 rows were not measured). Bfloat16 (oneDNN's brgemm) lost everywhere,
+    # 0.44-0.79x.
+    if threads == 1 or dtype != torch.float32 or rows > 8:
+        return 1
+    weights = out_features * in_features
+    if rows == 1:
+        chunks = threads if weights >= 2**24 else 1
+    else:
+        chunks = 8 if weights >= 2**19 and out_features >= 1024 else 1
+    while out_features % chunks:
+        chunks //= 2
+    return chunks
+
+
+def chunked_linear(x: torch.Tensor, weight: torch.Tensor, chunks: int) -> torch.Tensor:
+    """F.linear(x, weight) with weight's O output rows cut into chunks equal blocks multiplied as one bmm, which
+    hands the blocks to the threads: x (..., K), weight (O, K) with O divisible by chunks -> (..., O). Each
+    output is F.linear's dot product, up to the order of the float sums. (torch.matmul of the 3-D blocks by a
+    2-D matrix folds them back into one mm; bmm with the rows expanded over the blocks keeps them apart.)"""
+    *lead, K = x.shape
+    O = weight.size(0)
+    rows = x.reshape(-1, K)  # (N, K)
+    y = torch.bmm(weight.view(chunks, O // chunks, K), rows.t().expand(chunks, K, rows.size(0)))  # (C, O / C, N)
+    return y.permute(2, 0, 1).reshape(*lead, O)

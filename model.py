@@ -8,6 +8,7 @@ from torch import nn
 
 from attention import LayerCache, RowBlock, rope_tables
 from block import Block
+from kernels import Linear
 from model_config import ModelConfig
 
 
@@ -69,7 +70,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryTables(config)

@@ -83,9 +83,11 @@ def byte_data(tmp_path_factory) -> Path:
 @pytest.fixture(params=["chosen", "forced"])
 def kernel_choice(request, monkeypatch):
     """A test that uses it runs twice: with kernels.py's choices as they fall for tiny models (tiny caches are too
-    short to split), and with the CPU's alternatives forced: MLA's latent attention split into 3 chunks."""
+    short to split and tiny weights too small to chunk), and with the CPU's alternatives forced: MLA's latent
+    attention split into 3 chunks, and every weight with an even number of rows multiplied in 2 blocks."""
     if request.param == "forced":
         monkeypatch.setattr(kernels, "latent_chunks", lambda batch, slots, threads: 3)
+        monkeypatch.setattr(kernels, "linear_chunks", lambda rows, out_features, *_: 2 - out_features % 2)
 
 
 @pytest.fixture(scope="module")

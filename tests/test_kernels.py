@@ -1,13 +1,18 @@
 """kernels.py against references, in float32 with tight tolerances on the CPU: the latent attention split over the
-context (padding, several new tokens, chunks that see nothing) and the rule that chooses its chunks."""
+context (padding, several new tokens, chunks that see nothing), the chunked weight products, and the rules that
+choose them."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import profile
 
 import kernels
 from conftest import random_tokens, tiny_model
-from kernels import combine_chunks, context_chunks, latent_chunks, mask_chunks, split_latent_attention
+from kernels import (chunked_linear, combine_chunks, context_chunks, latent_chunks, linear_chunks, mask_chunks,
+                     split_latent_attention)
 
 TIGHT = dict(atol=2e-6, rtol=2e-6)
 
@@ -100,3 +105,52 @@ def test_latent_attention_takes_the_split_kernel_where_latent_chunks_says(monkey
     model = tiny_model()
     model.generate(random_tokens(2, 5), max_new_tokens=2, temperature=0)
     assert calls == [3] * 2 * model.config.n_layer  # the prefill of 5 and one decode step, every layer
+
+
+# ---- weight products of few rows ----------------------------------------------------------------
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("out_features, chunks", [(64, 2), (96, 3), (1152, 8), (50304, 2)])
+def test_chunked_linear_equals_f_linear(rows, out_features, chunks):
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, 1, 48), torch.randn(out_features, 48)
+    got = chunked_linear(x, weight, chunks)
+    assert got.shape == (rows, 1, out_features)
+    torch.testing.assert_close(got, F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.double(), x.double() @ weight.double().t(), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_linear_really_runs_one_bmm_of_blocks():
+    """torch.matmul of the blocks by the rows would fold them into one mm, the product it replaces."""
+    with profile() as prof:
+        chunked_linear(torch.randn(1, 64), torch.randn(256, 64), 4)
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::bmm" in ops and not ops & {"aten::mm", "aten::addmm", "aten::matmul"}
+
+
+def test_linear_has_nn_linears_state_dict_and_picks_its_product_by_linear_chunks(monkeypatch):
+    torch.manual_seed(0)
+    plain, linear = nn.Linear(32, 64, bias=False), kernels.Linear(32, 64)
+    linear.load_state_dict(plain.state_dict())
+    plain.load_state_dict(linear.state_dict())
+    assert list(linear.state_dict()) == ["weight"] and isinstance(linear, nn.Linear)
+    asked = []
+    monkeypatch.setattr(kernels, "linear_chunks", lambda *shape: asked.append(shape[:4]) or 4)
+    x = torch.randn(2, 1, 32)
+    with profile() as prof:
+        y = linear(x)
+    assert asked == [(2, 64, 32, torch.float32)] and "aten::bmm" in {e.key for e in prof.key_averages()}
+    torch.testing.assert_close(y, plain(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows, shape, dtype, threads, chunks", [
+    (1, (50304, 768), torch.float32, 2, 2),  # the LM head at one row
+    (1, (2048, 768), torch.float32, 2, 1), (1, (768, 768), torch.float32, 2, 1),
+    (8, (50304, 768), torch.float32, 2, 8), (8, (2048, 768), torch.float32, 2, 8), (4, (1152, 512), torch.float32, 2, 8),
+    (8, (768, 2048), torch.float32, 2, 1), (8, (1536, 256), torch.float32, 2, 1),  # FFN down; under 2^19 values
+    (9, (50304, 768), torch.float32, 2, 1), (1, (50304, 768), torch.float32, 1, 1),
+    (1, (50304, 768), torch.bfloat16, 2, 1), (8, (2048, 768), torch.bfloat16, 2, 1),  # never in bfloat16
+    (1, (50257, 768), torch.float32, 2, 1), (8, (1100, 768), torch.float32, 2, 4),  # a count that divides
+])
+def test_linear_chunks_follows_the_measurements(rows, shape, dtype, threads, chunks):
+    assert linear_chunks(rows, *shape, dtype, threads) == chunks

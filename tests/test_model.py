@@ -50,6 +50,7 @@ def reference_mla(attn: MultiHeadLatentAttention, h: torch.Tensor, config: Model
     return out.reshape(T, H * dv) @ attn.o_proj.weight.T
 
 
+@pytest.mark.usefixtures("kernel_choice")
 @pytest.mark.parametrize("q_lora_rank", [32, 0])
 def test_mla_matches_the_paper_equations(q_lora_rank):
     config = ModelConfig.from_preset("tiny", vocab_size=VOCAB, q_lora_rank=q_lora_rank)
