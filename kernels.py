@@ -29,7 +29,7 @@ def grouped_attention(q, k, v, scale: float, mask: torch.Tensor | None, dropout_
     mask None: T == S and attention is causal (training, or a prefill without a cache). Otherwise mask is an
     additive float mask (B, 1, T, S) (0 where a query may look, -inf where not) and the query heads of each
     key/value head are folded into the query axis, so that every key and value is read once per key/value
-    head and never copied per query head."""
+    head and never copied per query head: SDPA, or for a decode step in bfloat16 on the CPU two matmuls."""
     B, H, T, E = q.shape
     G = k.size(1)
     group = H // G
@@ -37,8 +37,19 @@ def grouped_attention(q, k, v, scale: float, mask: torch.Tensor | None, dropout_
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
-    q = q.reshape(B, G, group * T, E)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=fold_mask(mask, group), dropout_p=dropout_p, scale=scale)
+    q, mask = q.reshape(B, G, group * T, E), fold_mask(mask, group)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and T == 1 and not dropout_p:
+        # A decode step in bfloat16 on the CPU takes two matmuls. Per layer, 2 threads, OMP_WAIT_POLICY=PASSIVE,
+        # 7 rounds, on the shared 2-core AMD EPYC (Zen 5) dev VM under contention (loadavg 6.4-10.5) (issue 18's
+        # prototype, sweep_attention.py --kind mha|gqa --dtype bfloat16|float32 --contexts 2048 16384 --batches
+        # 1 8 --rounds 7), two matmuls with a float32 softmax against SDPA's bfloat16 CPU path, medians of
+        # per-round ratios: MHA 2.97x (batch 1 x 2K), 4.06x (1 x 16K), 4.34x (8 x 2K), 4.33x (8 x 16K); GQA
+        # 0.76x at 1 x 2K (1.29x by the 10th percentile of calls), 1.08x at 1 x 16K, 1.70x at 8 x 2K, 1.21x at
+        # 8 x 16K. In float32 SDPA stays: MHA 1.06-1.26x and GQA 0.71-1.21x, within the noise. One new token
+        # only, as measured (a prefill's T x S scores in float32 can take gigabytes), and without dropout.
+        y = attention_matmul(q, k, v, mask, scale)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return y.reshape(B, H, T, -1)  # SDPA on CUDA may return the folded rows non-contiguous
 
 
@@ -62,15 +73,25 @@ def latent_attention(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, 
     q (B, 1, M, E), latent (B, 1, S, E), mask (B, 1, M or 1, S) -> (B, 1, M, E). The caller keeps the first r
     columns (c_KV's part). Every formulation reads the cache in place and puts the scale on the query.
 
-    On the CPU, SDPA's fused kernel, split over the context when the batch leaves threads idle (latent_chunks):
-    it takes key and value of one width only, so the whole latent goes in as the value (with a narrower value
-    slice SDPA falls back to its math path, which rescales the whole cache at every step: 3-7x slower at batch 8
-    and 4,096 positions on the 2-core dev CPU). On CUDA that kernel does not exist for widths over 256 and the
+    On the CPU, SDPA's fused kernel, split over the context when the batch leaves threads idle (latent_chunks),
+    or in bfloat16 at batch 8 and more two matmuls. The fused kernel takes key and value of one width only, so
+    the whole latent goes in as the value (with a narrower value slice SDPA falls back to its math path, which
+    rescales the whole cache at every step: 3-7x slower at batch 8 and 4,096 positions on the 2-core dev CPU).
+    On CUDA that kernel does not exist for widths over 256 and the
     one that does runs one thread block per batch row, so two matmuls, spread over every SM by cuBLAS, with the
     softmax between them in float32."""
     if latent.device.type == "cuda":
         return attention_matmul(q, latent, latent, mask, scale)
-    chunks = latent_chunks(q.size(0), latent.size(2), threads()) if latent.device.type == "cpu" else 1
+    cpu = latent.device.type == "cpu"
+    if cpu and q.dtype == torch.bfloat16 and q.size(0) >= 8:
+        # Per layer, q 12 x 288, bfloat16, 2 threads, OMP_WAIT_POLICY=PASSIVE, 7 rounds, on the shared 2-core AMD
+        # EPYC (Zen 5) dev VM under contention (loadavg 6.4-10.5) (issue 18's prototype, sweep_attention.py
+        # --kind mla --dtype bfloat16 --contexts 2048 16384 --batches 1 8 --matmul --rounds 7), two matmuls with
+        # a float32 softmax against the fused kernel, medians of per-round ratios: 1.81x at batch 8 x 2K, 1.63x
+        # at 8 x 16K, but 0.74x at batch 1 x 2K and 0.67x at 1 x 16K, where the fused kernel split in 2 chunks
+        # tied the unsplit one (1.00x at 16K). Batches between 1 and 8 were not measured.
+        return attention_matmul(q, latent, latent, mask, scale)
+    chunks = latent_chunks(q.size(0), latent.size(2), threads()) if cpu else 1
     return split_latent_attention(q, latent, mask, scale, chunks)
 
 

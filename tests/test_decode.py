@@ -1,6 +1,7 @@
 """Decoding through the cache: each attention formulation against a reference written out head by head,
 explicit positions (rewinding, padding), batched prompts of different lengths against one-by-one generation,
 the compiled decode step against eager, and the cache's contents and dtype. Float32 on the CPU."""
+import copy
 import math
 
 import pytest
@@ -188,3 +189,23 @@ def test_a_bfloat16_cache_holds_bfloat16_and_decodes_close_to_float32():
     assert cache.layers[0].tensors[0].dtype == torch.bfloat16
     logits = model(prompt[:, 9:10], cache=cache, input_pos=torch.tensor([9]))[0]
     torch.testing.assert_close(logits, model(prompt)[0][:, -1:], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_a_bfloat16_model_decodes_close_to_its_float32_weights(kind, batch):
+    """Each variant in bfloat16 on the CPU's bfloat16 kernels (MHA/GQA: two matmuls; MLA: the fused kernel at
+    batch 1, two matmuls at batch 8), against the same weights in float32."""
+    model = tiny_model(**kind)
+    with torch.no_grad():  # attention far from uniform, so that a wrong score shows
+        for name, weight in model.named_parameters():
+            if "self_attn" in name and weight.dim() == 2:
+                weight.mul_(8)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    prompt = random_tokens(batch, 12)
+    logits = []
+    for m in (model, half):
+        cache = m.make_cache(batch, 12)
+        m(prompt[:, :11], cache=cache, input_pos=torch.arange(11))
+        logits.append(m.decode_step(prompt[:, 11:], cache, torch.tensor([11])).float())
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-2, rtol=2e-2)

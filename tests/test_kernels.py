@@ -154,3 +154,41 @@ def test_linear_has_nn_linears_state_dict_and_picks_its_product_by_linear_chunks
 ])
 def test_linear_chunks_follows_the_measurements(rows, shape, dtype, threads, chunks):
     assert linear_chunks(rows, *shape, dtype, threads) == chunks
+
+
+# ---- the bfloat16 choices -----------------------------------------------------------------------
+
+def taken(monkeypatch, name: str) -> list:
+    """Record each call of kernels' function name (still calling it)."""
+    calls, original = [], getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a, **k: calls.append(name) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("kv_heads, new_tokens, matmuls", [(4, 1, True), (2, 1, True), (4, 3, False)])
+def test_bfloat16_grouped_attention_takes_two_matmuls_at_a_decode_step_and_agrees_with_float32(
+        monkeypatch, kv_heads, new_tokens, matmuls):
+    torch.manual_seed(0)
+    B, H, S, E = 3, 4, 300, 16
+    q, k, v = torch.randn(B, H, new_tokens, E), torch.randn(B, kv_heads, S, E), torch.randn(B, kv_heads, S, E)
+    mask = torch.full((B, 1, new_tokens, S), -math.inf)
+    for b, p in enumerate([0, 40, 7]):
+        for t in range(new_tokens):
+            mask[b, 0, t, p:S - new_tokens - 2 + t] = 0.0
+    calls = taken(monkeypatch, "attention_matmul")
+    got = kernels.grouped_attention(*(x.bfloat16() for x in (q, k, v)), 0.25, mask.bfloat16())
+    assert got.dtype == torch.bfloat16 and calls == ["attention_matmul"] * matmuls
+    expected = kernels.grouped_attention(q, k, v, 0.25, mask)  # float32: SDPA
+    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("batch, kernel", [(8, "attention_matmul"), (1, "split_latent_attention")])
+def test_bfloat16_latent_attention_takes_two_matmuls_from_batch_8_and_agrees_with_float32(monkeypatch, batch, kernel):
+    torch.manual_seed(0)
+    q, latent = torch.randn(batch, 1, 12, 288), torch.randn(batch, 1, 2048, 288)
+    mask = decode_mask(list(range(0, 80 * batch, 80)), 2040, 1, 2048, 12)
+    calls = taken(monkeypatch, kernel)
+    got = kernels.latent_attention(q.bfloat16(), latent.bfloat16(), mask.bfloat16(), 96 ** -0.5)
+    assert got.dtype == torch.bfloat16 and calls == [kernel]
+    torch.testing.assert_close(got.double(), reference_latent_attention(q, latent, mask, 96 ** -0.5),
+                               atol=3e-2, rtol=3e-2)
