@@ -84,12 +84,14 @@ class LayerCache:
     MLA keeps a single (B, capacity, r + dr) tensor: [c_KV | k_rope] per token.
     MHA/GQA keep K and V, each (B, G, capacity, head_dim).
     The cache holds no length: the caller says which slots each call writes (input_pos), and the attention
-    mask says which slots each query reads."""
+    mask says which slots each query reads. It keeps each row's left padding pad (B,), the same tensor in every
+    layer of a model.Cache, for the kernels that make the mask themselves (flex_attention on CUDA)."""
 
-    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device):
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device, pad: torch.Tensor):
         self.tensors = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         for tensor in self.tensors:  # a fixed address, so a compiled decode step can be captured as a CUDA graph
             torch._dynamo.mark_static_address(tensor)
+        self.pad = pad
 
     @property
     def capacity(self) -> int:
@@ -175,7 +177,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             (latent,) = cache.write(input_pos, torch.cat((c_kv, k_rope), dim=-1))  # (B, capacity, r + dr)
             if absorb and T <= self.max_absorbed_queries:
-                y = self.attend_absorbed(q_nope, q_rope, latent, mask)
+                y = self.attend_absorbed(q_nope, q_rope, latent, mask, cache.pad, input_pos)
             else:
                 y = self.attend_decompressed(q_nope, q_rope, *latent.split([self.r, self.dr], dim=-1), mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -210,19 +212,20 @@ class MultiHeadLatentAttention(nn.Module):
         y = grouped_attention(q, k, F.pad(v, (0, self.dn + self.dr - self.dv)), self.scale, mask, dropout_p)
         return y[..., :self.dv]
 
-    def attend_absorbed(self, q_nope, q_rope, latent, mask) -> torch.Tensor:
+    def attend_absorbed(self, q_nope, q_rope, latent, mask, pad, input_pos) -> torch.Tensor:
         """Attend over the latent cache without decompressing it: W_UK is absorbed into the query, and W_UV is
         applied after the probabilities are reduced against c_KV. This is multi-query attention with one key
         [c_KV | k_rope] of width r + dr per position, read in place from the cache.
 
-        q_nope (B, H, T, dn), q_rope (B, H, T, dr), latent = [c_KV | k_rope] (B, S, r + dr),
-        mask (B, 1, T, S) -> (B, H, T, dv)."""
+        q_nope (B, H, T, dn), q_rope (B, H, T, dr), latent = [c_KV | k_rope] (B, S, r + dr), mask (B, 1, T, S),
+        and the same visibility as the cache's left padding pad (B,) and the new tokens' slots input_pos (T,)
+        -> (B, H, T, dv)."""
         B, H, T, _ = q_nope.shape
         w_uk, w_uv = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.r).split([self.dn, self.dv], 1)
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
         q = torch.cat((q_latent, q_rope), dim=-1).to(latent.dtype)  # (B, H, T, r + dr)
-        o_latent = latent_attention(q.reshape(B, 1, H * T, self.r + self.dr), latent.unsqueeze(1),
-                                    fold_mask(mask, H), self.scale)[..., :self.r]  # (B, 1, H * T, r)
+        o_latent = latent_attention(q.reshape(B, 1, H * T, self.r + self.dr), latent.unsqueeze(1), fold_mask(mask, H),
+                                    pad, input_pos, self.scale, self.r)  # (B, 1, H * T, r)
         return torch.einsum("bhtr,hvr->bhtv", o_latent.reshape(B, H, T, self.r).to(w_uv.dtype), w_uv)
 
 

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
 @torch._dynamo.assume_constant_result
@@ -18,6 +19,14 @@ def threads() -> int:
     """torch.get_num_threads(), read as a constant when torch.compile traces a step (it would break the graph
     otherwise): a compiled step keeps the thread count it was traced with."""
     return torch.get_num_threads()
+
+
+def visible(slot, query_slot, pad):
+    """Whether the query at cache slot query_slot reads slot, in a row of the cache whose first pad slots are
+    padding: it reads the slots pad .. query_slot, and a padding slot's query only itself (so that its unused
+    output stays finite). Elementwise, broadcasting: model.Cache makes its additive mask from it, and
+    flex_latent_attention its block mask."""
+    return (slot <= query_slot) & ((slot >= pad) | (slot == query_slot))
 
 
 # ---- the cores both attention kinds share -------------------------------------------------------
@@ -68,20 +77,28 @@ def attention_matmul(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
 
 # ---- MLA's absorbed decode attention ------------------------------------------------------------
 
-def latent_attention(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q latent^T * scale + mask) latent for one key/value head shared by every query row:
-    q (B, 1, M, E), latent (B, 1, S, E), mask (B, 1, M or 1, S) -> (B, 1, M, E). The caller keeps the first r
-    columns (c_KV's part). Every formulation reads the cache in place and puts the scale on the query.
+def latent_attention(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, pad: torch.Tensor,
+                     input_pos: torch.Tensor, scale: float, r: int) -> torch.Tensor:
+    """softmax(q latent^T * scale + mask) c_KV for one key/value head [c_KV | k_rope] shared by every query row:
+    q (B, 1, M, E) with its rows folded head-major (row h * T + t: head h, new token t), latent (B, 1, S, E)
+    read in place, mask (B, 1, M or 1, S) additive, and the same visibility as the cache's left padding pad (B,)
+    and the new tokens' slots input_pos (T,) -> (B, 1, M, r), c_KV's r columns. Every formulation puts the
+    scale on the query.
+
+    On CUDA, in a compiled step flex_latent_attention: one fused pass over the latent, split over the context
+    (chosen by design, not measured: no GPU was lent to issue 18, and benchmarks/gpu_decode.py races it against
+    the two matmuls). In an eager step, where flex_attention is not fused, two matmuls spread over every SM by
+    cuBLAS with the softmax between them in float32: SDPA's fused CUDA kernels take no width over 256, and the
+    one that does runs one thread block per batch row.
 
     On the CPU, SDPA's fused kernel, split over the context when the batch leaves threads idle (latent_chunks),
     or in bfloat16 at batch 8 and more two matmuls. The fused kernel takes key and value of one width only, so
     the whole latent goes in as the value (with a narrower value slice SDPA falls back to its math path, which
-    rescales the whole cache at every step: 3-7x slower at batch 8 and 4,096 positions on the 2-core dev CPU).
-    On CUDA that kernel does not exist for widths over 256 and the
-    one that does runs one thread block per batch row, so two matmuls, spread over every SM by cuBLAS, with the
-    softmax between them in float32."""
+    rescales the whole cache at every step: 3-7x slower at batch 8 and 4,096 positions on the 2-core dev CPU)."""
     if latent.device.type == "cuda":
-        return attention_matmul(q, latent, latent, mask, scale)
+        if torch.compiler.is_compiling():
+            return flex_latent_attention(q, latent, pad, input_pos, scale, r)
+        return attention_matmul(q, latent, latent, mask, scale)[..., :r]
     cpu = latent.device.type == "cpu"
     if cpu and q.dtype == torch.bfloat16 and q.size(0) >= 8:
         # Per layer, q 12 x 288, bfloat16, 2 threads, OMP_WAIT_POLICY=PASSIVE, 7 rounds, on the shared 2-core AMD
@@ -90,9 +107,30 @@ def latent_attention(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, 
         # a float32 softmax against the fused kernel, medians of per-round ratios: 1.81x at batch 8 x 2K, 1.63x
         # at 8 x 16K, but 0.74x at batch 1 x 2K and 0.67x at 1 x 16K, where the fused kernel split in 2 chunks
         # tied the unsplit one (1.00x at 16K). Batches between 1 and 8 were not measured.
-        return attention_matmul(q, latent, latent, mask, scale)
+        return attention_matmul(q, latent, latent, mask, scale)[..., :r]
     chunks = latent_chunks(q.size(0), latent.size(2), threads()) if cpu else 1
-    return split_latent_attention(q, latent, mask, scale, chunks)
+    return split_latent_attention(q, latent, mask, scale, chunks)[..., :r]
+
+
+def flex_latent_attention(q: torch.Tensor, latent: torch.Tensor, pad: torch.Tensor, input_pos: torch.Tensor,
+                          scale: float, r: int) -> torch.Tensor:
+    """latent_attention as one flex_attention pass: q (B, 1, M, E) with its rows folded head-major, latent
+    (B, 1, S, E), pad (B,), input_pos (T,) -> (B, 1, M, r). Fused only when compiled.
+
+    A batch row's M query rows are one query head against the one key head, so that every tile of the latent is
+    read once for all heads (CUDA's flex-decoding template, which splits the context over thread blocks, wants
+    query heads / key heads a power of two: 12 / 1 is not, 1 / 1 is); the value is the latent's first r
+    columns, a view. The block mask is computed from pad and input_pos, the step's inputs (inductor's CPU
+    template refuses a mask that reads a tensor computed inside the graph, as the additive mask is), and it
+    skips the blocks of slots no query reads."""
+    B, _, M, _ = q.shape
+    T = input_pos.size(0)
+
+    def mask_mod(b, h, row, slot):  # row h * T + t is new token t
+        return visible(slot, input_pos[row % T], pad[b])
+
+    block_mask = create_block_mask(mask_mod, B, 1, M, latent.size(2), device=latent.device)
+    return flex_attention(q, latent, latent[..., :r], block_mask=block_mask, scale=scale)
 
 
 def latent_chunks(batch: int, slots: int, threads: int) -> int:

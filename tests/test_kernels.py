@@ -36,6 +36,17 @@ def decode_mask(pad: list[int], first_slot: int, queries: int, slots: int, heads
 
 # ---- the latent attention split over the context ------------------------------------------------
 
+@pytest.mark.parametrize("rows_per_mask", [1, 12])
+def test_the_two_matmuls_equal_the_reference(rows_per_mask):
+    torch.manual_seed(0)
+    q, latent = torch.randn(2, 1, 12, 40), torch.randn(2, 1, 50, 40)
+    mask = torch.zeros(2, 1, rows_per_mask, 50)
+    mask[0, ..., 30:] = -math.inf
+    mask[1, ..., :7] = -math.inf
+    torch.testing.assert_close(kernels.attention_matmul(q, latent, latent, mask, 0.3).double(),
+                               reference_latent_attention(q, latent, mask, 0.3), **TIGHT)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("new_tokens", [1, 4])
 @pytest.mark.parametrize("slots", [64, 67, 1000])  # 67 and 1000: not divisible by every chunk count
@@ -187,8 +198,35 @@ def test_bfloat16_latent_attention_takes_two_matmuls_from_batch_8_and_agrees_wit
     torch.manual_seed(0)
     q, latent = torch.randn(batch, 1, 12, 288), torch.randn(batch, 1, 2048, 288)
     mask = decode_mask(list(range(0, 80 * batch, 80)), 2040, 1, 2048, 12)
+    pad, input_pos = torch.arange(0, 80 * batch, 80), torch.tensor([2040])
     calls = taken(monkeypatch, kernel)
-    got = kernels.latent_attention(q.bfloat16(), latent.bfloat16(), mask.bfloat16(), 96 ** -0.5)
+    got = kernels.latent_attention(q.bfloat16(), latent.bfloat16(), mask.bfloat16(), pad, input_pos, 96 ** -0.5, 256)
     assert got.dtype == torch.bfloat16 and calls == [kernel]
-    torch.testing.assert_close(got.double(), reference_latent_attention(q, latent, mask, 96 ** -0.5),
+    torch.testing.assert_close(got.double(), reference_latent_attention(q, latent, mask, 96 ** -0.5)[..., :256],
                                atol=3e-2, rtol=3e-2)
+
+
+# ---- the GPU's fused kernel, on the CPU ---------------------------------------------------------
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("batch, new_tokens, slots, pad", [
+    (1, 1, 700, [0]), (3, 1, 1000, [0, 37, 300]),
+    (2, 4, 333, [0, 129]),  # several new tokens, and no slot count a multiple of a block
+    (2, 1, 2050, [0, 2000]),  # row 1 sees its last 43 slots only: most blocks of the block mask are empty
+])
+def test_flex_latent_attention_equals_the_reference(batch, new_tokens, slots, pad, compiled):
+    """flex_attention eagerly (its unfused path) and compiled by inductor (its fused CPU template), the block
+    mask made from pad and input_pos, with 7 unwritten slots at the end of the cache. Inductor's CPU template
+    (torch 2.13) fails to build this mask when the slots are a multiple of its 128-slot blocks, or when it
+    recompiles with dynamic shapes: hence these slot counts and fixed shapes (the CPU never takes flex)."""
+    torch.manual_seed(slots)
+    heads, r, width = 4, 32, 40
+    first_slot = slots - new_tokens - 7
+    q, latent = torch.randn(batch, 1, heads * new_tokens, width), torch.randn(batch, 1, slots, width)
+    flex = kernels.flex_latent_attention
+    if compiled:
+        flex = torch.compile(flex, fullgraph=True, dynamic=False)
+    got = flex(q, latent, torch.tensor(pad), torch.arange(first_slot, first_slot + new_tokens), 0.17, r)
+    assert got.shape == (batch, 1, heads * new_tokens, r)
+    mask = decode_mask(pad, first_slot, new_tokens, slots, heads)
+    torch.testing.assert_close(got.double(), reference_latent_attention(q, latent, mask, 0.17)[..., :r], **TIGHT)
