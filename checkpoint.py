@@ -6,7 +6,8 @@ a string, or a list/dict/tuple of those, so it loads with torch.load(weights_onl
 
 import torch
 
-from cli import CLIError, atomic_write, is_of, regular_file
+from cli import CLIError
+from fileio import atomic_write, is_of, regular_file
 from model import Transformer
 from model_config import ModelConfig
 from runtime import check_model_fits

@@ -23,11 +23,11 @@ import torch
 
 import tokenizer
 from checkpoint import load_checkpoint, model_from_checkpoint
-from cli import (ArgumentParser, CLIError, atomic_write, atomic_write_all, number, owned_directory, positive_int,
-                 read_json, require, run, seed_int)
+from cli import ArgumentParser, CLIError, number, positive_int, run, seed_int
 from dataset import PreparedData
 from decode_benchmark import MEMORY_MARGIN, benchmark, cache_bytes
 from evaluation import evaluate
+from fileio import atomic_write, atomic_write_all, owned_directory, read_json, require
 from model import Transformer
 from model_config import PRESETS, VARIANTS, ModelConfig
 from optim import OPTIMIZERS

@@ -3,12 +3,14 @@
     python convert_hf.py export --ckpt out/shakespeare/best.pt --out-dir hf_model
     python convert_hf.py import --hf-dir hf_model --out imported.pt
 
-export writes config.json and model.safetensors, which DeepseekV3ForCausalLM.from_pretrained(dir) loads with no
-missing or unexpected weights. import reads such a directory, including one written by transformers'
-save_pretrained, back into a checkpoint holding "model" and "model_config" (train.py's, less the optimiser state),
-which test.py evaluates (with --data-dir) and samples from. Only dense DeepSeek-V3 models convert (no
-mixture-of-experts layers, no multi-token-prediction layers; RoPE plain or YaRN-scaled), and only MLA checkpoints
-export: DeepSeek-V3 has no MHA or GQA.
+export writes a self-contained directory (EXPORT_FILES): model.safetensors and config.json, which
+DeepseekV3ForCausalLM.from_pretrained(dir) loads with no missing or unexpected weights; GPT-2's tokenizer files,
+generated offline from the BPE ranks (hf_tokenizer.py); generation_config.json; and README.md, a model card. With
+them AutoTokenizer, AutoModelForCausalLM and pipeline("text-generation") load the directory offline. import reads
+such a directory, including one written by transformers' save_pretrained, back into a checkpoint holding "model"
+and "model_config" (train.py's, less the optimiser state), which test.py evaluates (with --data-dir) and samples
+from. Only dense DeepSeek-V3 models convert (no mixture-of-experts layers, no multi-token-prediction layers; RoPE
+plain or YaRN-scaled), and only MLA checkpoints export: DeepSeek-V3 has no MHA or GQA.
 
 The two models compute the same logits (tests/test_convert_hf.py checks it against transformers 5.24.0); what
 differs is only how they write things down:
@@ -17,7 +19,9 @@ differs is only how they write things down:
   rows side by side, (2i, 2i + 1), which transformers reads when rope_interleave is true, its default. export
   reorders the RoPE rows of q_b_proj (or q_proj) and kv_a_proj_with_mqa into that layout and sets the flag;
   import reorders them back, or copies them when a directory says rope_interleave false.
-- Tied embeddings: tie_word_embeddings; lm_head.weight is then left out of the file, as save_pretrained does.
+- Tied embeddings: tie_word_embeddings; lm_head.weight is written all the same, a copy of the embedding, for
+  readers that do not tie (vLLM's DeepSeek model; safetensors refuses one tensor under two names). transformers
+  ties it again on load; import refuses a tied file whose lm_head.weight differs from the embedding.
 - No query compression: q_lora_rank 0 here is null there (q_proj instead of q_a_proj / q_b_proj).
 - RMSNorm eps: transformers builds q_a_layernorm and kv_a_layernorm with eps 1e-6 whatever rms_norm_eps says, so
   only norm_eps 1e-6 (every preset's) converts exactly; others are refused.
@@ -41,10 +45,17 @@ differs is only how they write things down:
   * Frequencies: transformers computes them in float32, this project in float64 rounded to float32 at the end;
     angles differ by about 1e-7 relative. An explicit attention_factor or truncate false is refused.
 - Dense layers: first_k_dense_replace = num_hidden_layers makes every FFN the SwiGLU MLP (intermediate_size =
-  ffn_hidden); n_routed_experts 0 and num_nextn_predict_layers 0 say there are no experts and no MTP layers.
+  ffn_hidden); n_routed_experts 0 and num_nextn_predict_layers 0 say there are no experts and no MTP layers, and
+  every other expert field is written as "none" too (DENSE_FIELDS): DeepseekV3Config's defaults describe
+  DeepSeek-V3's experts, and llama.cpp's converter copies them into the GGUF.
 - Vocabulary: the padded vocab_size (50304) is exported as is; the ids past GPT-2's 50257 never come from the
-  tokenizer. bos/eos_token_id name GPT-2's <|endoftext|> (50256) and tokenizer_note says which tokenizer this is;
-  on the Hugging Face side, AutoTokenizer.from_pretrained("gpt2") is the same BPE.
+  tokenizer. bos/eos_token_id name GPT-2's <|endoftext|> (50256) and tokenizer_note says which tokenizer this is.
+  The tokenizer files are written when the vocabulary holds GPT-2's 50257 ids; a smaller one is not GPT-2's
+  tokens (a test's byte-level model, say), and its export has no tokenizer.
+- Generation: generation_config.json samples as test.py does by default (temperature, top-k), stops at and pads
+  with <|endoftext|>, and suppresses the padding ids, which test.py never samples. It has no max_length: with
+  one, every generate() call that passes max_new_tokens warns.
+- Files are mode 0666 & ~umask, as the user's other files (fileio.atomic_write_all; safetensors alone makes 0600).
 - Dropout: transformers has only attention dropout; export writes 0, import sets dropout 0 (pass your own when
   fine-tuning). block_size is max_position_embeddings.
 """
@@ -53,16 +64,31 @@ from pathlib import Path
 
 import torch
 
+import hf_tokenizer
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from cli import (ArgumentParser, CLIError, atomic_write_all, owned_directory, read_json, refuse_overwrite, regular_file,
-                 require, run)
-from model import RowBlock, Transformer
+from cli import ArgumentParser, CLIError, run
+from fileio import atomic_write_all, owned_directory, read_json, refuse_overwrite, regular_file, require
+from model import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, RowBlock, Transformer
+from model_card import model_card
 from model_config import ModelConfig
-from tokenizer import EOT_ID
+from tokenizer import EOT_ID, VOCAB_SIZE, holds_gpt2_ids
 
 HF_LATENT_NORM_EPS = 1e-6  # transformers' eps for q_a_layernorm and kv_a_layernorm, fixed
 TOKENIZER_NOTE = ("GPT-2 BPE (tiktoken r50k_base, the same as Hugging Face's 'gpt2' tokenizer); "
                   "<|endoftext|> = 50256 separates documents; ids from 50257 up are vocabulary padding")
+# Every DeepseekV3Config field that describes experts or multi-token prediction, as "none"; its defaults (in
+# brackets) are DeepSeek-V3's, which a reader that goes by the config (llama.cpp's converter does) would take.
+DENSE_FIELDS = {
+    "n_routed_experts": 0,  # [256]
+    "num_experts_per_tok": 0,  # [8]
+    "n_group": 0,  # [8]
+    "topk_group": 0,  # [4]
+    "n_shared_experts": 0,  # [1]
+    "moe_intermediate_size": 0,  # [2048]
+    "routed_scaling_factor": 1.0,  # [2.5]
+    "norm_topk_prob": False,  # [true]
+    "num_nextn_predict_layers": 0,  # [1]
+}
 # transformers' DeepseekV3Config defaults, for the flags a config.json may leave out
 HF_DEFAULTS = {"first_k_dense_replace": 3, "rope_interleave": True, "tie_word_embeddings": False,
                "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False, "rope_theta": 10000.0}
@@ -116,12 +142,13 @@ def hf_name(name: str) -> str:
 
 
 def to_hf_weights(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under transformers' names, RoPE rows interleaved, float32; no lm_head when tied."""
+    """The model's weights under transformers' names, RoPE rows interleaved, float32; lm_head.weight always, a copy
+    of the embedding when tied (safetensors refuses one tensor under two names)."""
     stacked = model.stacked_rows()
     weights = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_embeddings:
-            continue
+            tensor = tensor.clone()
         if name in stacked:
             tensor = tensor[rope_row_order(stacked[name], to_interleaved=True)]
         weights[hf_name(name)] = tensor.float().contiguous()
@@ -147,6 +174,10 @@ def from_hf_weights(hf_weights: dict[str, torch.Tensor], config: ModelConfig, in
             tensor = tensor[rope_row_order(stacked[name], to_interleaved=False)]
         state[name] = tensor.float().contiguous()
     if config.tie_embeddings:
+        lm_head = hf_weights.get("lm_head.weight")
+        if lm_head is not None and not torch.equal(lm_head.float(), state["embed_tokens.weight"]):
+            raise CLIError("config.json ties the embeddings (tie_word_embeddings), but lm_head.weight is not "
+                           "model.embed_tokens.weight: a reader that does not tie would compute other logits")
         state["lm_head.weight"] = state["embed_tokens.weight"]
     unexpected = sorted(set(hf_weights) - {hf_name(name) for name in template.state_dict()})
     if unexpected:
@@ -202,10 +233,10 @@ def to_hf_config(config: ModelConfig) -> dict:
         "attention_dropout": 0.0,
         "tie_word_embeddings": config.tie_embeddings,
         "first_k_dense_replace": config.n_layer,
-        "n_routed_experts": 0,
-        "num_nextn_predict_layers": 0,
+        **DENSE_FIELDS,
         "bos_token_id": eot,
         "eos_token_id": eot,
+        "pad_token_id": None,  # GPT-2 has no padding token
         "tokenizer_note": TOKENIZER_NOTE,
         "dtype": "float32",
     }
@@ -287,17 +318,46 @@ def from_hf_config(hf: dict) -> tuple[ModelConfig, bool]:
     return config, bool(hf["rope_interleave"])
 
 
+# ---- the directory's other files ----------------------------------------------------------------
+
+def to_generation_config(config: ModelConfig) -> dict:
+    """generation_config.json: test.py's sampling defaults, <|endoftext|> to stop and to pad, and the vocabulary's
+    padding ids suppressed. No max_length: transformers then makes 20 new tokens unless told, and a call that
+    passes max_new_tokens does not warn that both are set."""
+    generation = {"do_sample": True, "temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K}
+    if holds_gpt2_ids(config.vocab_size):
+        generation |= {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID}
+    if config.vocab_size > VOCAB_SIZE:
+        generation["suppress_tokens"] = list(range(VOCAB_SIZE, config.vocab_size))
+    return generation
+
+
+def json_text(value: dict) -> str:
+    return json.dumps(value, indent=2) + "\n"
+
+
+def export_texts(ckpt: dict, config: ModelConfig, ckpt_path) -> dict[str, str]:
+    """Every file of the export but the weights, by name, in EXPORT_FILES' order (config.json last)."""
+    texts = hf_tokenizer.tokenizer_files(config.block_size) if holds_gpt2_ids(config.vocab_size) else {}
+    return {**texts, "generation_config.json": json_text(to_generation_config(config)),
+            "README.md": model_card(ckpt, config, ckpt_path), "config.json": json_text(to_hf_config(config))}
+
+
 # ---- the two directions -------------------------------------------------------------------------
 
-EXPORT_FILES = ("model.safetensors", "config.json")  # what export writes, config.json last
+# What export writes, in the order the files are renamed into place: config.json last, so that its presence says
+# the set is complete.
+EXPORT_FILES = ("model.safetensors", *hf_tokenizer.FILES, "generation_config.json", "README.md", "config.json")
 
 
-def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> None:
-    """Project checkpoint -> out_dir/{model.safetensors, config.json}. Other files in out_dir are left alone;
-    one process at a time writes into out_dir."""
+def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> list[str]:
+    """Project checkpoint -> a self-contained Hugging Face directory out_dir (EXPORT_FILES; the tokenizer files
+    only for a vocabulary that holds GPT-2's ids) -> the names of the files written. Other files in out_dir are
+    left alone; one process at a time writes into out_dir."""
     out_dir = Path(out_dir)
     refuse_overwrite(out_dir, EXPORT_FILES, force, "an export")
-    model = model_from_checkpoint(load_checkpoint(ckpt_path))
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt)
     if model.config.attention != "mla":
         raise CLIError(f"{ckpt_path} has {model.config.attention} attention; "
                        "only MLA checkpoints export as DeepSeek-V3")
@@ -305,13 +365,19 @@ def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> None:
         raise CLIError(f"norm_eps is {model.config.norm_eps}, but transformers' DeepSeek-V3 always uses "
                        f"{HF_LATENT_NORM_EPS} in q_a_layernorm and kv_a_layernorm: its logits would differ")
     st = safetensors_torch()
-    weights, hf_config = to_hf_weights(model), to_hf_config(model.config)
+    weights, texts = to_hf_weights(model), export_texts(ckpt, model.config, ckpt_path)
+    names = ["model.safetensors", *texts]
     with owned_directory(out_dir, "an export"):
         refuse_overwrite(out_dir, EXPORT_FILES, force, "an export")  # again, now that no one else writes here
-        with atomic_write_all([out_dir / name for name in EXPORT_FILES]) as (weights_tmp, config_tmp):
-            st.save_file(weights, weights_tmp, metadata={"format": "pt"})
-            config_tmp.write_text(json.dumps(hf_config, indent=2) + "\n")
-            (out_dir / "config.json").unlink(missing_ok=True)  # both written: never new weights beside an old one
+        with atomic_write_all([out_dir / name for name in names]) as temps:
+            st.save_file(weights, temps[0], metadata={"format": "pt"})
+            for tmp, text in zip(temps[1:], texts.values()):
+                tmp.write_text(text, encoding="utf-8")
+            # All written. The old config.json goes first, so that new weights are never seen beside it, and so
+            # do an earlier export's files that this one does not write (a GPT-2 tokenizer, for a small vocabulary).
+            for name in ("config.json", *(name for name in EXPORT_FILES if name not in names)):
+                (out_dir / name).unlink(missing_ok=True)
+    return names
 
 
 def import_checkpoint(hf_dir, out_path, force: bool = False) -> None:
@@ -320,7 +386,7 @@ def import_checkpoint(hf_dir, out_path, force: bool = False) -> None:
     refuse_overwrite(out_path.parent, [out_path.name], force, "a checkpoint")
     if not hf_dir.is_dir():
         raise CLIError(f"{hf_dir} is not a directory")
-    inputs = [hf_dir / name for name in EXPORT_FILES]
+    inputs = [hf_dir / "model.safetensors", hf_dir / "config.json"]
     if out_path.exists() and any(out_path.resolve() == path.resolve() for path in inputs if path.exists()):
         raise CLIError(f"--out {out_path} is one of the files import reads; choose another path")
     config, interleaved = from_hf_config(read_json(hf_dir / "config.json"))
@@ -334,8 +400,8 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="project checkpoint -> Hugging Face DeepSeek-V3 directory")
     export.add_argument("--ckpt", required=True, help="project checkpoint (.pt) of an MLA model")
-    export.add_argument("--out-dir", required=True, help="directory to write config.json and model.safetensors to "
-                                                         "(created if missing; other files in it are left alone)")
+    export.add_argument("--out-dir", required=True, help="directory to write the model, its config, tokenizer and "
+                        "model card to (created if missing; other files in it are left alone)")
     imp = commands.add_parser("import", help="Hugging Face DeepSeek-V3 directory -> project checkpoint")
     imp.add_argument("--hf-dir", required=True, help="directory with config.json and model.safetensors")
     imp.add_argument("--out", required=True, help="checkpoint file to write")
@@ -344,8 +410,8 @@ def main(argv=None):
                                                               "(never any other file)")
     args = parser.parse_args(argv)
     if args.command == "export":
-        export_checkpoint(args.ckpt, args.out_dir, args.force)
-        print(f"wrote {args.out_dir}/config.json and model.safetensors")
+        names = export_checkpoint(args.ckpt, args.out_dir, args.force)
+        print(f"wrote {args.out_dir}: {', '.join(names)}")
     else:
         import_checkpoint(args.hf_dir, args.out, args.force)
         print(f"wrote {args.out}")

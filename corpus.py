@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 import cli
+import fileio
 import tokenizer
 from dataset import DATA_FORMAT_VERSION, SPLITS
 
@@ -50,7 +51,7 @@ def fetch_shakespeare(path: Path) -> Path:
             raise cli.CLIError(f"cannot download Tiny Shakespeare ({err}); fetch {SHAKESPEARE_URL} yourself and "
                                f"run: python data_prepare.py --input PATH --out-dir {path.parent}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        with cli.atomic_write(path) as temp:
+        with fileio.atomic_write(path) as temp:
             temp.write_bytes(data)
     return path
 
@@ -85,8 +86,8 @@ def prepare(files: list[Path], out_dir: Path, tok: tokenizer.Tokenizer, val_frac
     document). Once every count is known, the split is decided (exact token shares, documents kept whole) and
     carried out by copying ranges of that file into the split files; see _write_splits.
     """
-    with cli.owned_directory(out_dir, "prepared data"):
-        cli.refuse_overwrite(out_dir, DATA_FILES, force, "prepared data")
+    with fileio.owned_directory(out_dir, "prepared data"):
+        fileio.refuse_overwrite(out_dir, DATA_FILES, force, "prepared data")
         stream = out_dir / ".tokens.tmp"
         try:
             return _prepare_into(files, out_dir, stream, tok, val_fraction, seed, workers)
@@ -97,7 +98,7 @@ def prepare(files: list[Path], out_dir: Path, tok: tokenizer.Tokenizer, val_frac
 def _prepare_into(files: list[Path], out_dir: Path, stream: Path, tok, val_fraction: float, seed: int,
                   workers: int) -> dict:
     """prepare()'s work, with stream as the temporary file of every document's tokens."""
-    with cli.atomic_write_all([out_dir / name for name in DATA_FILES]) as temps:
+    with fileio.atomic_write_all([out_dir / name for name in DATA_FILES]) as temps:
         temps = dict(zip(DATA_FILES, temps))
         digests = [hashlib.sha256() for _ in files]
         doc_tokens, text_bytes = _encode_documents(files, digests, stream, tok, workers)
@@ -278,7 +279,7 @@ def _jsonl_text(where: str, offset: int, line: bytes) -> str:
         line = line.decode("utf-8")
     except UnicodeDecodeError as err:
         raise cli.CLIError(f"{where}: invalid UTF-8 at byte {offset + err.start}") from None
-    record = cli.parse_json(line, where)
+    record = fileio.parse_json(line, where)
     text = record.get("text") if isinstance(record, dict) else None
     if not isinstance(text, str):
         raise cli.CLIError(f'{where}: no "text" string field')
@@ -357,7 +358,7 @@ def _token_byte_lengths(tok) -> np.ndarray:
 def prepare_shakespeare(out_dir: Path = SHAKESPEARE_DIR) -> dict:
     """Download Tiny Shakespeare into out_dir/input.txt (unless it is there) and prepare it there with the
     default split, as `python data_prepare.py` does; returns the meta."""
-    cli.refuse_overwrite(out_dir, DATA_FILES, False, "prepared data")
+    fileio.refuse_overwrite(out_dir, DATA_FILES, False, "prepared data")
     files = [fetch_shakespeare(out_dir / "input.txt")]
     return prepare(files, out_dir, tokenizer.Tokenizer(), VAL_FRACTION, SPLIT_SEED, os.cpu_count() or 1)
 

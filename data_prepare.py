@@ -25,6 +25,7 @@ from pathlib import Path
 
 import cli
 import corpus
+import fileio
 import tokenizer
 
 
@@ -36,7 +37,7 @@ def main(argv=None):
     if args.input and not args.out_dir:
         raise cli.CLIError("--out-dir is required with --input")
     out_dir = Path(args.out_dir or corpus.SHAKESPEARE_DIR)
-    cli.refuse_overwrite(out_dir, corpus.DATA_FILES, args.force, "prepared data")
+    fileio.refuse_overwrite(out_dir, corpus.DATA_FILES, args.force, "prepared data")
     files = corpus.expand_inputs(args.input) if args.input else [corpus.fetch_shakespeare(out_dir / "input.txt")]
     tok = tokenizer.Tokenizer(args.tokenizer_file)
     meta = corpus.prepare(files, out_dir, tok, args.val_fraction, args.seed, args.workers, args.force)

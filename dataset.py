@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 
 import cli
+import fileio
 
 DATA_FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -88,23 +89,23 @@ def _read_meta(path: Path) -> dict:
     """meta.json, checked: its format version, dtype and every field the reader uses, by type and range."""
     if not path.is_file():
         raise cli.CLIError(f"{path}: missing; prepare the data with data_prepare.py first")
-    meta = cli.read_json(path)
+    meta = fileio.read_json(path)
     version = meta.get("format_version")
-    if not cli.is_of(version, int) or version != DATA_FORMAT_VERSION:
+    if not fileio.is_of(version, int) or version != DATA_FORMAT_VERSION:
         raise cli.CLIError(f"{path}: unknown format_version {version!r} (this code reads {DATA_FORMAT_VERSION})")
     if meta.get("dtype") != "uint16":
         raise cli.CLIError(f"{path}: dtype {meta.get('dtype')!r}, expected 'uint16'")
-    vocab_size = cli.require(meta.get("vocab_size"), int, f"{path}: vocab_size", minimum=1)
+    vocab_size = fileio.require(meta.get("vocab_size"), int, f"{path}: vocab_size", minimum=1)
     if vocab_size > 1 << 16:
         raise cli.CLIError(f"{path}: vocab_size {vocab_size} does not fit uint16 token ids")
-    eot_id = cli.require(meta.get("eot_id"), int, f"{path}: eot_id", minimum=0)
+    eot_id = fileio.require(meta.get("eot_id"), int, f"{path}: eot_id", minimum=0)
     if eot_id >= vocab_size:
         raise cli.CLIError(f"{path}: eot_id {eot_id} is not below vocab_size {vocab_size}")
-    splits = cli.require(meta.get("splits"), dict, f"{path}: splits")
+    splits = fileio.require(meta.get("splits"), dict, f"{path}: splits")
     for split in SPLITS:
-        counts = cli.require(splits.get(split), dict, f"{path}: splits.{split}")
+        counts = fileio.require(splits.get(split), dict, f"{path}: splits.{split}")
         for key in ("tokens", "text_bytes"):
-            cli.require(counts.get(key), int, f"{path}: splits.{split}.{key}", minimum=1)
+            fileio.require(counts.get(key), int, f"{path}: splits.{split}.{key}", minimum=1)
     return meta
 
 

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from cli import CLIError
-from model import Transformer, compile_decode_step
+from model import Cache, Transformer, compile_decode_step
 from model_config import VARIANTS, ModelConfig
 from report import figure, save_figure, table_row
 from runtime import available_memory, check_model_fits, release_freed_memory, synchronize
@@ -186,10 +186,7 @@ class DecodeBench:
                 continue
             temporaries = max(temporaries, work)
             if (variant, batch) not in caches:
-                caches[variant, batch] = self.models[variant].make_cache(batch, context)
-                for layer in caches[variant, batch].layers:
-                    for tensor in layer.tensors:
-                        tensor.normal_()
+                caches[variant, batch] = random_cache(self.models[variant], batch, context)
         return caches, needs
 
     def row(self, name: str, batch: int, context: int, seconds: list[float], bandwidths: list[float]) -> dict:
@@ -208,6 +205,16 @@ class DecodeBench:
     @staticmethod
     def refused(name: str, batch: int, context: int, needs_bytes: int) -> dict:
         return {"attention": name, "batch": batch, "context": context, "fits": False, "needs_bytes": needs_bytes}
+
+
+def random_cache(model: Transformer, batch: int, context: int) -> Cache:
+    """model's decode cache for batch sequences of context positions, filled with random values instead of a
+    prefill (a step reads random latents as it reads real ones)."""
+    cache = model.make_cache(batch, context)
+    for layer in cache.layers:
+        for tensor in layer.tensors:
+            tensor.normal_()
+    return cache
 
 
 def with_ratio_to_mha(rows: list[dict]) -> list[dict]:

@@ -196,6 +196,11 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
     return idx, torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
 
 
+# How test.py samples unless told otherwise; an export's generation_config.json says the same.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 200
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per row of logits (B, vocab) -> (B, 1).

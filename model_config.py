@@ -1,7 +1,7 @@
 """The model's architecture in one dataclass, its named presets, and the numbers derived from it."""
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from cli import check_field_types
+from fileio import check_field_types
 
 ATTENTION_KINDS = ("mla", "mha", "gqa")
 ROPE_SCALINGS = ("none", "yarn")
@@ -190,6 +190,9 @@ PRESETS = {
                               kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                               ffn_hidden=2048),
 }
+# gpt2-small with a 64-dim RoPE key: its latent per token, kv_lora_rank + qk_rope_head_dim = 256 + 64 = 320, is a
+# size vLLM's generic GPU MLA path takes (gpt2-small's 288 is not; its CPU path takes only DeepSeek's 512 + 64).
+PRESETS["gpt2-small-mla320"] = replace(PRESETS["gpt2-small"], qk_rope_head_dim=64)
 
 # The like-for-like variants that every preset runs as: the same depth and width, another attention. "mla-no-q" is
 # MLA without query compression (as DeepSeek-V2-Lite); "gqa" keeps the preset's n_kv_head; "mqa" is GQA with one

@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from cli import atomic_write
+from fileio import atomic_write
 
 
 def table_header(headings: list[str]) -> str:

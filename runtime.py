@@ -142,14 +142,20 @@ def release_freed_memory(device: torch.device):
         malloc_trim(0)
 
 
-def check_model_fits(configs, device, dtype: torch.dtype = torch.float32) -> None:
-    """Refuse, before any is built, models (ModelConfigs) whose weights together cannot fit in device's free
-    memory: a config of two million layers fails here at once, not after minutes of allocation."""
-    needs = sum(config.num_params() for config in configs) * torch.empty(0, dtype=dtype).element_size()
+def check_memory(needs: int, device, what: str) -> None:
+    """Refuse, before anything is allocated, what needs more bytes than device has free: a config of two million
+    layers, or a batch of 10^20 sequences, fails here at once, not after minutes of allocation."""
     free = available_memory(torch.device(device))
     if free is not None and needs > free:
-        raise CLIError(f"the model's weights need {needs / 2**30:,.1f} GiB and {free / 2**30:,.1f} GiB are free "
-                       f"on {device}; choose a smaller model (--n-layer, --d-model, --vocab-size, ...)")
+        raise CLIError(f"{what} need {needs / 2**30:,.1f} GiB at least, and {free / 2**30:,.1f} GiB are free on "
+                       f"{device}")
+
+
+def check_model_fits(configs, device, dtype: torch.dtype = torch.float32) -> None:
+    """check_memory for models (ModelConfigs): their weights in dtype, and their RoPE tables (built in float64)."""
+    weights = sum(config.num_params() for config in configs) * torch.empty(0, dtype=dtype).element_size()
+    rope = sum(16 * config.block_size * config.rope_dim for config in configs)
+    check_memory(weights + rope, device, "the model's weights and RoPE tables")
 
 
 def synchronize(device) -> None:

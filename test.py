@@ -13,15 +13,15 @@ from collections.abc import Iterator
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from cli import (ArgumentParser, CLIError, non_negative_float, number, parse_json, positive_int, regular_file, run,
-                 seed_int)
+from cli import ArgumentParser, CLIError, non_negative_float, number, positive_int, run, seed_int
 from dataset import PreparedData
 from evaluation import evaluate
-from model import Transformer, compile_decode_step, left_pad
+from fileio import parse_json, regular_file
+from model import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, Transformer, compile_decode_step, left_pad
 from model_config import ModelConfig
-from runtime import DTYPES, keep_freed_memory, pick_device
-from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, add_argument as add_tokenizer_argument
-
+from runtime import DTYPES, check_memory, keep_freed_memory, pick_device
+from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, holds_gpt2_ids
+from tokenizer import add_argument as add_tokenizer_argument
 
 # ---- sampling -----------------------------------------------------------------------------------
 
@@ -98,17 +98,22 @@ def unicode_text(text: str, where: str) -> str:
 def sample_command(model: Transformer, args, device):
     """Continue every prompt --num-samples times, all as one batch. One sample streams as it is generated;
     several are printed whole, each after its prompt, between lines of dashes."""
-    prompts = [prompt for prompt in read_prompts(args) for _ in range(args.num_samples)]
-    if model.config.vocab_size < VOCAB_SIZE:
+    texts = read_prompts(args)
+    if not holds_gpt2_ids(model.config.vocab_size):
         raise CLIError(f"the model knows {model.config.vocab_size} token ids, fewer than GPT-2's tokenizer's "
                        f"{VOCAB_SIZE}: it was not trained on GPT-2 tokens, so there is nothing to sample with")
     tok = Tokenizer(args.tokenizer_file)
-    prompt_ids = [tok.encode(prompt) or [EOT_ID] for prompt in prompts]  # an empty prompt starts a new document
-    longest = max(len(ids) for ids in prompt_ids)
+    unique_ids = [tok.encode(text) or [EOT_ID] for text in texts]  # an empty prompt starts a new document
+    longest = max(len(ids) for ids in unique_ids)
     room = model.config.block_size - longest
     if room <= 0:
         raise CLIError(f"the longest prompt is {longest} tokens; the model's block_size of "
                        f"{model.config.block_size} leaves no room to generate")
+    batch, config = len(texts) * args.num_samples, model.config
+    cache = batch * config.block_size * config.n_layer * config.kv_cache_values_per_token_per_layer() * 4
+    check_memory(cache + batch * config.vocab_size * 4, device, f"the cache and logits of {batch:,} sequences")
+    prompts = [text for text in texts for _ in range(args.num_samples)]
+    prompt_ids = [ids for ids in unique_ids for _ in range(args.num_samples)]
     if args.max_new_tokens > room:
         print(f"note: generating {room} tokens, all that fit in block_size {model.config.block_size}",
               file=sys.stderr)
@@ -145,6 +150,9 @@ def eval_command(model: Transformer, ckpt: dict, args, device):
     if data.vocab_size > model.config.vocab_size:
         raise CLIError(f"{data_dir} has a vocabulary of {data.vocab_size} tokens; the model has only "
                        f"{model.config.vocab_size}")
+    config = model.config
+    check_memory(args.batch_size * config.block_size * config.vocab_size * 4, device,
+                 f"the logits of {args.batch_size} windows of {config.block_size} tokens")
     result = evaluate(model, data, args.split, model.config.block_size, args.batch_size, device, args.stride)
     print(f"{args.split} split of {data_dir}: {result['tokens']:,} tokens evaluated")
     print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
@@ -199,8 +207,8 @@ def parse_args(argv=None):
     prompt.add_argument("--prompt-file", help="UTF-8 file holding the prompt, or a .jsonl file of prompts, one "
                                               "{\"text\": ...} per line, sampled together")
     s.add_argument("--max-new-tokens", type=positive_int, default=256, help="at most block_size - prompt tokens")
-    s.add_argument("--temperature", type=non_negative_float, default=0.8, help="0: greedy")
-    s.add_argument("--top-k", type=positive_int, default=200, help="sample among the k likeliest tokens")
+    s.add_argument("--temperature", type=non_negative_float, default=DEFAULT_TEMPERATURE, help="0: greedy")
+    s.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K, help="sample among the k likeliest tokens")
     s.add_argument("--top-p", type=number(float, above=0, maximum=1), help="sample among the likeliest tokens "
                    "holding this much probability, in (0, 1] (default: off)")
     s.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt, all decoded as one batch")
@@ -228,4 +236,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main, memory_hint="lower --batch-size")
+    run(main, memory_hint="lower --batch-size (evaluation), or --num-samples and --max-new-tokens (sampling)")

@@ -14,6 +14,7 @@ import tiktoken
 from tiktoken_ext import openai_public
 
 import cli
+import fileio
 
 NAME = "r50k_base"
 VOCAB_SIZE = 50257
@@ -21,6 +22,11 @@ EOT_ID = 50256
 RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 FILE_ENV = "MLA_TIKTOKEN_FILE"
+
+
+def holds_gpt2_ids(vocab_size: int) -> bool:
+    """Whether a model of vocab_size token ids takes GPT-2's 50257 (a byte-level model, say, does not)."""
+    return vocab_size >= VOCAB_SIZE
 
 
 class Tokenizer:
@@ -47,6 +53,11 @@ class Tokenizer:
         """The exact bytes of token ids (a token may hold part of a multibyte character)."""
         return self._enc.decode_bytes(ids)
 
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        """Every token but <|endoftext|>: its bytes -> its rank, which is its id (hf_tokenizer.py recovers the
+        merges from them)."""
+        return self._enc._mergeable_ranks  # tiktoken keeps them only under this private name
+
 
 def add_argument(parser):
     """Add --tokenizer-file, for scripts that tokenize."""
@@ -58,7 +69,7 @@ def add_argument(parser):
 
 
 def _encoding_from_file(path) -> tiktoken.Encoding:
-    path = cli.regular_file(path, "tokenizer file")
+    path = fileio.regular_file(path, "tokenizer file")
     try:
         data = path.read_bytes()
     except OSError as err:

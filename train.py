@@ -22,13 +22,14 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import corpus
-from checkpoint import load_checkpoint
-from cli import ArgumentParser, CLIError, finite_float, run
+from checkpoint import load_checkpoint, model_config_of
+from cli import ArgumentParser, CLIError, finite_float, number, run, seed_int
 from model_config import ATTENTION_KINDS, PRESETS, ModelConfig
 from runtime import DEVICES, DTYPES, keep_freed_memory, pick_device
 from training import RUN_FILES, TrainConfig, saved_train_config, train
 
 CHOICES = {"attention": ATTENTION_KINDS, "device": DEVICES, "dtype": ("auto", *DTYPES)}
+FLAG_TYPES = {float: finite_float, int: number(int), "seed": seed_int}  # by field name, else by the field's type
 MODEL_HELP = {  # what each ModelConfig field without a help of its own means; its default comes from the preset
     "vocab_size": "token ids the model knows (GPT-2's 50257 padded to 50304)",
     "block_size": "longest sequence the model takes, and the training sequence length",
@@ -54,8 +55,8 @@ def add_flags(parser: argparse.ArgumentParser, config_class, title: str, help_of
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         else:
-            group.add_argument(flag, type=finite_float if kind is float else kind, choices=CHOICES.get(f.name),
-                               **common)
+            group.add_argument(flag, type=FLAG_TYPES.get(f.name, FLAG_TYPES.get(kind, kind)),
+                               choices=CHOICES.get(f.name), **common)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,13 +88,17 @@ def configs_from_args(argv=None) -> tuple[TrainConfig, ModelConfig, dict | None,
         if train_flags.get("resume"):
             out_dir = train_flags.setdefault("out_dir", TrainConfig.out_dir)
             start = load_checkpoint(Path(out_dir) / "ckpt.pt")
-            saved = saved_train_config(start)
-            tc = TrainConfig(**{k: v for k, v in saved.items() if k in train_names} | train_flags)
+            saved = {k: v for k, v in saved_train_config(start).items() if k in train_names}
+            try:
+                TrainConfig(**saved)
+            except (TypeError, ValueError) as err:
+                raise CLIError(f"{Path(out_dir) / 'ckpt.pt'}: train_config: {err}") from None
+            tc = TrainConfig(**saved | train_flags)
         else:
             tc = TrainConfig(**train_flags)
             start = load_checkpoint(tc.init_from) if tc.init_from else None
         base = (ModelConfig.from_preset(preset or "shakespeare") if preset or start is None
-                else ModelConfig.from_dict(start["model_config"]))
+                else model_config_of(start))
         return tc, replace(base, **model_flags), start, force
     except (TypeError, ValueError) as err:
         raise CLIError(str(err)) from None

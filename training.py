@@ -18,14 +18,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_weights, save_checkpoint
-from cli import (MAX_SEED, CLIError, atomic_write, check_field_types, first_line, is_of, owned_directory, parse_json,
-                 require)
+from cli import MAX_SEED, CLIError, first_line
 from dataset import PreparedData
+from fileio import atomic_write, check_field_types, is_of, owned_directory, parse_json, require
 from model import Transformer
 from model_config import ModelConfig
 from optim import DEFAULT_OPTIMIZER, OPTIMIZERS, TUNED_LR, Schedule, make_optimizer, train_step
 from report import figure, save_figure
-from runtime import DEVICES, DTYPES, Runtime, check_model_fits
+from runtime import DEVICES, DTYPES, Runtime, check_memory, check_model_fits
 
 
 RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "loss.png")  # what a run writes into out_dir
@@ -199,6 +199,8 @@ class Trainer:
         self.rt = rt = Runtime.start(tc.device, tc.dtype, tc.compile, tc.peak_flops)
         self.tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * rt.world_size
         check_model_fits([mc], rt.device)
+        logits = tc.batch_size * mc.block_size * mc.vocab_size * 4  # one micro-batch's float32 logits, at least
+        check_memory(logits, rt.device, f"the logits of a micro-batch of {tc.batch_size} x {mc.block_size} tokens")
         torch.manual_seed(tc.seed)  # the same initial weights in every process
         self.model = Transformer(mc)  # the plain module: what checkpoints hold, whatever wraps it
         self.data_generator = torch.Generator().manual_seed(derive_seed(tc.seed, 1, rt.rank))

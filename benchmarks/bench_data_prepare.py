@@ -11,6 +11,7 @@ speed-ups. It also shows how many cores data_prepare.py kept busy (its CPU secon
 """
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import tokenizer  # noqa: E402
 from cli import ArgumentParser, CLIError, positive_int, run  # noqa: E402
+from report import markdown_table  # noqa: E402
+from runtime import check_memory  # noqa: E402
 
 BASELINE_PIECE_CHARS = 1 << 20
 
@@ -33,24 +36,31 @@ def main(argv=None):
     parser.add_argument("--size-mb", type=positive_int, default=200, help="corpus size in MB")
     parser.add_argument("--rounds", type=positive_int, default=3, help="turns each side takes")
     args = parser.parse_args(argv)
+    size = args.size_mb * 10**6
     with tempfile.TemporaryDirectory() as tmp:
+        # The corpus, each round's prepared copy (2 bytes a token, about half the text's bytes) on disk; the whole
+        # text in memory for the all-threads baseline.
+        if shutil.disk_usage(tmp).free < size * (1 + args.rounds):
+            raise CLIError(f"--size-mb {args.size_mb}: the corpus and {args.rounds} prepared copies need about "
+                           f"{size * (1 + args.rounds) / 10**9:,.1f} GB, more than {tmp} has free")
+        check_memory(2 * size, "cpu", f"a {args.size_mb} MB corpus held in memory as text")
         corpus = Path(tmp) / "corpus.txt"
-        write_corpus(corpus, args.size_mb * 10**6)
+        write_corpus(corpus, size)
         size_mb = corpus.stat().st_size / 10**6
         rounds = [(time_single_thread(corpus), *run_data_prepare(corpus, Path(tmp) / f"prepared{i}"),
                    time_all_threads(corpus)) for i in range(args.rounds)]
     rounds.sort(key=lambda r: r[0] / r[1])  # by speed-up: single-thread seconds over data_prepare's
     single_s, prepare_s, prepare_cpu_s, peak_rss, threads_s = rounds[len(rounds) // 2]
-    print(f"| {size_mb:.0f} MB corpus, median of {args.rounds} rounds | MB/s | cores busy | peak RSS |")
-    print("|---|---|---|---|")
-    print(f"| tiktoken encode_ordinary, 1 thread (encoding only) | {size_mb / single_s:.2f} | | |")
-    print(f"| tiktoken encode_to_numpy, {os.cpu_count()} threads (encoding only, text in memory) "
-          f"| {size_mb / threads_s:.2f} | | |")
-    print(f"| data_prepare.py --workers {os.cpu_count()} (whole run, wall clock) | {size_mb / prepare_s:.2f} "
-          f"| {prepare_cpu_s / prepare_s:.2f} | {peak_rss / 10**6:.0f} MB |")
-    print(f"\nspeed-up over one thread: {single_s / prepare_s:.2f}x (goal >= 1.7x on 2 cores; rounds "
+    cores = os.cpu_count()
+    print(markdown_table([f"{size_mb:.0f} MB corpus, median of {args.rounds} rounds", "MB/s", "cores busy", "peak RSS"], [
+        ["tiktoken encode_ordinary, 1 thread (encoding only)", f"{size_mb / single_s:.2f}", "", ""],
+        [f"tiktoken encode_to_numpy, {cores} threads (encoding only, text in memory)", f"{size_mb / threads_s:.2f}",
+         "", ""],
+        [f"data_prepare.py --workers {cores} (whole run, wall clock)", f"{size_mb / prepare_s:.2f}",
+         f"{prepare_cpu_s / prepare_s:.2f}", f"{peak_rss / 10**6:.0f} MB"]]))
+    print(f"speed-up over one thread: {single_s / prepare_s:.2f}x (goal >= 1.7x on 2 cores; rounds "
           f"{', '.join(f'{r[0] / r[1]:.2f}x' for r in rounds)}); peak RSS goal < 500 MB")
-    print(f"tiktoken alone on {os.cpu_count()} threads in the same rounds: "
+    print(f"tiktoken alone on {cores} threads in the same rounds: "
           f"{', '.join(f'{r[0] / r[4]:.2f}x' for r in rounds)}")
 
 

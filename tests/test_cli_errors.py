@@ -20,7 +20,8 @@ from checkpoint import load_checkpoint
 from conftest import REPO, write_byte_data
 
 SCRIPTS = ["train.py", "test.py --ckpt a.pt", "data_prepare.py", "compare.py", "convert_hf.py export --ckpt a.pt --out-dir b",
-           "benchmarks/bench_decode.py", "benchmarks/bench_train.py"]
+           "benchmarks/bench_decode.py", "benchmarks/bench_train.py",
+           "benchmarks/llama_cpp.py --preset tiny --out-dir b"]
 
 
 def assert_one_error_line(stderr: str, expected: str):
@@ -77,7 +78,9 @@ def snapshot(directory: Path) -> dict:
 @pytest.mark.parametrize("main,argv,expected", [
     (train.main, ["--lr", "nan"], "argument --lr: must be finite, got 'nan'"),
     (train.main, ["--batch-size", "0"], "batch_size must be positive, got 0"),
-    (train.main, ["--max-iters", "x"], "argument --max-iters: invalid int value: 'x'"),
+    (train.main, ["--max-iters", "x"], "argument --max-iters: expected an integer, got 'x'"),
+    (train.main, ["--batch-size", str(2**63)], "argument --batch-size: must be at most 2^63 - 1"),
+    (train.main, ["--seed", "-1"], "argument --seed: must be at least 0, got '-1'"),
     (test_script.main, ["--ckpt", "x.pt", "--stride", "0"], "argument --stride: must be at least 1, got '0'"),
     (test_script.main, ["--ckpt", "x.pt", "--stride", "-4"], "argument --stride: must be at least 1, got '-4'"),
     (test_script.main, ["--ckpt", "x.pt", "--temperature", "inf"], "argument --temperature: must be finite"),

@@ -12,7 +12,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cli import CLIError
 from model import Transformer
 from model_config import ModelConfig
-from conftest import REPO
+from conftest import REPO, randomize, require_gpt2_ranks
 
 INSTALL = "pip install -r requirements-dev.txt"
 pytest.importorskip("safetensors", reason=f"convert_hf.py needs safetensors: {INSTALL}")
@@ -32,17 +32,6 @@ def project_model(q_lora_rank=32, tie_embeddings=True, qk_rope_head_dim=8, seed=
     model = Transformer(config).eval()
     randomize(model)
     return model
-
-
-def randomize(model: torch.nn.Module):
-    """Weights large enough for sharp attention (std 0.1, where a RoPE mix-up moves the logits by ~2), and RMSNorm
-    gains away from their initial 1, so that every weight's mapping shows in the logits."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-            else:
-                param.normal_(0, 0.1)
 
 
 def save_project(model: Transformer, path):
@@ -122,6 +111,7 @@ def test_import_of_export_reproduces_the_checkpoint_exactly(q_lora_rank, tie, dr
 
 def test_gpt2_vocabulary_exports_padded_with_the_endoftext_id(tmp_path):
     """The default vocab_size (GPT-2's 50257 padded to 50304) goes out whole, with bos/eos = <|endoftext|>."""
+    require_gpt2_ranks()  # the export then carries GPT-2's tokenizer files
     ours = project_model(vocab_size=50304)
     theirs = load_hf(exported(ours, tmp_path))
     assert theirs.config.vocab_size == 50304
@@ -268,9 +258,9 @@ def test_export_with_force_into_a_run_dir_replaces_only_its_own_files(tmp_path):
     convert_hf.export_checkpoint(ckpt, run_dir)
     first = (run_dir / "model.safetensors").read_bytes()
     save_project(project_model(seed=6), tmp_path / "other.pt")
-    convert_hf.export_checkpoint(tmp_path / "other.pt", run_dir, force=True)
+    written = convert_hf.export_checkpoint(tmp_path / "other.pt", run_dir, force=True)
     assert (run_dir / "model.safetensors").read_bytes() != first
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted([*before, "config.json", "model.safetensors"])
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([*before, *written])
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 

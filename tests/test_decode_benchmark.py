@@ -211,9 +211,11 @@ def test_bench_command_capacity_and_layers(capsys):
     (["--plot", "."], "is a directory"),
     (["--ckpt", "x.pt"], "not allowed with argument --preset"),
 ])
-def test_bad_bench_flags_are_one_line_errors(flags, message):
+def test_bad_bench_flags_are_one_line_errors(capsys, flags, message):
+    """Refused up front: before the benchmark prints (or runs) anything."""
     with pytest.raises(CLIError, match=message):
         script.main(["--preset", "tiny", "--device", "cpu", *flags])
+    assert capsys.readouterr().out == ""
 
 
 def test_bad_bench_flag_from_the_shell():
