@@ -401,25 +401,35 @@ def bench_group(plan: Plan, models: dict, steps: dict, probe: CopyProbe, batch: 
             row |= {"decode_tokens_per_s": 1e3 * batch / row["ms_median"], "warm_up_s": seconds[name],
                     "cache_bytes": cache_bytes(model.config, batch, context, DTYPE.itemsize)}
         rows.append(row)
-    mha = next(row for row in rows if row["attention"] == "mha")
+    mha = next((row for row in rows if row["attention"] == "mha" and "ms_median" in row), None)
     for row in rows:
-        if "ms_median" in row and "ms_median" in mha:
+        if "ms_median" in row and mha is not None:
             row["tokens_per_s_vs_mha"] = row["decode_tokens_per_s"] / mha["decode_tokens_per_s"]
         print(f"bench: {json.dumps(row)}", flush=True)
     return rows
 
 
 def bench(plan: Plan, probe: CopyProbe, deadline: Deadline) -> list[dict]:
-    """The bench rows, batch by batch and context by context, each model's one compiled step serving them all."""
+    """The bench rows, batch by batch and context by context, each model's one compiled step serving them all.
+    After a step fails, its variant's later rows say so instead of compiling again."""
     if not deadline.allows("the bench", NEEDS_S["bench"]):
         return []
     device = torch.device(plan.device)
     models = {name: build(replace(PRESETS[plan.preset], **VARIANTS[variant], block_size=max(plan.contexts)), device,
                           DTYPE) for name, variant in BENCH_VARIANTS.items()}
     steps = {name: compiled_step(model, plan) for name, model in models.items()}
-    return [row for batch in plan.batches for context in plan.contexts
-            if deadline.allows(f"the bench rows at batch {batch}, context {context}", NEEDS_S["bench"])
-            for row in bench_group(plan, models, steps, probe, batch, context)]
+    rows, broken = [], {}  # a variant whose step failed is not tried again: each try may cost a compile
+    for batch in plan.batches:
+        for context in plan.contexts:
+            if not deadline.allows(f"the bench rows at batch {batch}, context {context}", NEEDS_S["bench"]):
+                continue
+            live = {name: model for name, model in models.items() if name not in broken}
+            rows += [{"attention": name, "batch": batch, "context": context, "fits": True,
+                      "error": f"not tried again after {why}"} for name, why in broken.items()]
+            group = bench_group(plan, live, steps, probe, batch, context)
+            broken |= {row["attention"]: row["error"] for row in group if "error" in row}
+            rows += group
+    return rows
 
 
 # ---- the report ---------------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
 """benchmarks/gpu_decode.py, the prepared GPU check, run on the CPU with --smoke (its logic at tiny sizes): its
 checks pass, it writes results.md and results.json with every row it plans, a budget too small skips each part
-saying so, and a bad --out is one error line."""
+saying so, a bench step that fails or a cache that does not fit is a row that says so, and a bad --out is one error
+line."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
+import torch
 
+from benchmarks import gpu_decode
 from conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_decode.py"
@@ -73,3 +77,32 @@ def test_an_out_that_is_a_file_is_one_error_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert file.read_text() == "keep me"
+
+
+def test_a_failing_step_is_not_tried_again_and_a_cache_that_does_not_fit_is_refused(monkeypatch, one_thread):
+    """What a GPU may do that the smoke run does not: a compiled step that fails (GQA's here) and a cache over the
+    memory left (MHA's: the memory left is the margin and 20 kB, and MLA's cache 10 kB, GQA's 16 kB, MHA's 32 kB)."""
+    calls = []
+
+    def failing_step(*args):
+        calls.append(args)
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setattr(gpu_decode, "compiled_step", lambda model, plan:
+                        failing_step if model.config.attention == "gqa" else model.decode_step)
+    monkeypatch.setattr(gpu_decode, "available_memory", lambda device: gpu_decode.MEMORY_MARGIN + 20_000)
+    plan = replace(gpu_decode.SMOKE, batches=(1,), contexts=(64, 96), rounds=1)
+    rows = gpu_decode.bench(plan, gpu_decode.CopyProbe(2**20, torch.device("cpu")), gpu_decode.Deadline(60))
+    by_name = {(r["attention"], r["context"]): r for r in rows}
+    assert len(calls) == 1  # tried once, at the first shape
+    assert by_name["gqa", 64]["error"] == "RuntimeError: no kernel for this shape"
+    assert by_name["gqa", 96]["error"] == "not tried again after RuntimeError: no kernel for this shape"
+    assert not by_name["mha", 96]["fits"] and by_name["mha", 96]["needs_bytes"] == 1 * 96 * 2 * 128 * 2
+    assert by_name["mla absorbed", 96]["ms_median"] > 0 and "tokens_per_s_vs_mha" not in by_name["mla absorbed", 96]
+    record = {"command": "x", "environment": {"device": "CPU", "torch": torch.__version__, "date": "today"},
+              "wall_s": 1.0, "budget_s": 60.0, "smoke": True, "probe_bytes": 2**20, "batches": plan.batches,
+              "contexts": plan.contexts, "checks": [], "race": [], "bench": rows, "skipped": []}
+    table = gpu_decode.markdown(record)
+    assert "| gqa | 1 | 96 | failed: not tried again after RuntimeError: no kernel for this shape |" in table
+    assert "| mha | 1 | 96 | does not fit: its cache needs 0.0 GiB" in table
+    assert "| 1 | MHA does not fit | MHA does not fit |" in table
