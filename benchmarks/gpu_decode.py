@@ -19,10 +19,11 @@ whether MLA's fused decode attention is right, and how fast the compiled decode 
 
 Compilation is planned to fit: flex is compiled for fixed shapes (2 check cases x 2 dtypes, 4 race shapes). Each
 variant has one compiled step, which torch.compile specialises to its first shape and recompiles with dynamic sizes
-when the shape changes (batch 1 keeps a graph of its own): about 3 compiles per variant for the 9 shapes, then one
-CUDA graph recorded per shape. MQA is left out: 3 more compiles. Each part starts only if the time left of
---budget-s (counted from the start of main, after torch's import) covers what it needs; a part skipped is recorded
-with the reason, and one that has started runs to its end.
+when the shape changes (batch 1 keeps a graph of its own): 2 or 3 compiles per variant for the 9 shapes (the
+smoke run compiles twice), then one CUDA graph recorded per shape; a variant whose step fails is not compiled
+again. MQA is left out: 2 or 3 more compiles. Each part starts only if the time left of --budget-s (counted from
+the start of main, after torch's import) covers what it needs; a part skipped is recorded with the reason, and one
+that has started runs to its end.
 
 Writes results.md (the tables) and results.json (every number) into --out, replacing an earlier run's, prints its
 wall time, and exits non-zero if a correctness check failed.
@@ -533,8 +534,10 @@ def main(argv=None):
     if args.smoke:
         torch.set_num_threads(1)  # tiny sizes: a second thread only waits (tests/conftest.py's one_thread)
     torch.set_float32_matmul_precision("highest")  # TF32 off: the float32 checks hold float32 to its precision
+    # Over dynamo's 8 graphs per function: flex takes 8 shapes, and every model's decode_step is one function to
+    # dynamo (Transformer.decode_step), about 12 graphs here.
     with owned_directory(args.out, "the GPU decode check's results") as out, \
-            torch._dynamo.config.patch(recompile_limit=64):  # every shape below compiles: fixed ones for flex
+            torch._dynamo.config.patch(recompile_limit=64):
         flex = torch.compile(kernels.flex_latent_attention, fullgraph=True, dynamic=False,
                              backend=plan.backend or "inductor")
         checks = kernel_checks(plan, flex, deadline) + model_checks(plan, deadline)
