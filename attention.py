@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import Linear, fold_mask, grouped_attention, latent_attention
 from model_config import ModelConfig, yarn_mscale
 
 
@@ -77,12 +78,14 @@ class LayerCache:
     MLA keeps a single (B, capacity, r + dr) tensor: [c_KV | k_rope] per token.
     MHA/GQA keep K and V, each (B, G, capacity, head_dim).
     The cache holds no length: the caller says which slots each call writes (input_pos), and the attention
-    mask says which slots each query reads."""
+    mask says which slots each query reads. It keeps each row's left padding pad (B,), the same tensor in every
+    layer of a model.Cache, for the kernels that make the mask themselves (flex_attention on CUDA)."""
 
-    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device):
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device, pad: torch.Tensor):
         self.tensors = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         for tensor in self.tensors:  # a fixed address, so a compiled decode step can be captured as a CUDA graph
             torch._dynamo.mark_static_address(tensor)
+        self.pad = pad
 
     @property
     def capacity(self) -> int:
@@ -97,34 +100,6 @@ class LayerCache:
         for buffer, values in zip(self.tensors, new):
             buffer.index_copy_(buffer.dim() - 2, input_pos, values.to(buffer.dtype))
         return self.tensors
-
-
-# ---- the attention kernel both kinds share ------------------------------------------------------
-
-def grouped_attention(q, k, v, scale: float, mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Softmax attention of q (B, H, T, E) over k (B, G, S, E) and v (B, G, S, Ev), where G key/value heads each
-    serve H / G query heads -> (B, H, T, Ev).
-
-    mask None: T == S and attention is causal (training, or a prefill without a cache). Otherwise mask is an
-    additive float mask (B, 1, T, S) (0 where a query may look, -inf where not) and the query heads of each
-    key/value head are folded into the query axis, so that every key and value is read once per key/value
-    head and never copied per query head."""
-    B, H, T, E = q.shape
-    G = k.size(1)
-    group = H // G
-    if mask is None:
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
-    q = q.reshape(B, G, group * T, E)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=fold_mask(mask, group), dropout_p=dropout_p, scale=scale)
-    return y.reshape(B, H, T, -1)  # SDPA on CUDA may return the folded rows non-contiguous
-
-
-def fold_mask(mask: torch.Tensor, heads: int) -> torch.Tensor:
-    """The mask (B, 1, T, S) of T queries, for heads * T queries folded head-major (row h * T + t takes query t's
-    mask); with T == 1 the mask broadcasts as it is."""
-    return mask if mask.size(2) == 1 else mask.repeat(1, 1, heads, 1)
 
 
 # ---- Multi-Head Latent Attention ----------------------------------------------------------------
@@ -157,15 +132,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.max_absorbed_queries = self.r * (self.dn + self.dv) // max(2 * self.r + self.dr - self.dn - self.dv, 1)
         q_out = c.n_head * (self.dn + self.dr)
         if c.q_lora_rank:
-            self.q_a_proj = nn.Linear(c.d_model, c.q_lora_rank, bias=False)  # W_DQ
+            self.q_a_proj = Linear(c.d_model, c.q_lora_rank)  # W_DQ
             self.q_a_layernorm = nn.RMSNorm(c.q_lora_rank, eps=c.norm_eps)
-            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)  # W_UQ (and W_QR)
+            self.q_b_proj = Linear(c.q_lora_rank, q_out)  # W_UQ (and W_QR)
         else:
-            self.q_proj = nn.Linear(c.d_model, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.d_model, self.r + self.dr, bias=False)  # W_DKV and W_KR
+            self.q_proj = Linear(c.d_model, q_out)
+        self.kv_a_proj_with_mqa = Linear(c.d_model, self.r + self.dr)  # W_DKV and W_KR
         self.kv_a_layernorm = nn.RMSNorm(self.r, eps=c.norm_eps)
-        self.kv_b_proj = nn.Linear(self.r, c.n_head * (self.dn + self.dv), bias=False)  # W_UK and W_UV
-        self.o_proj = nn.Linear(c.n_head * self.dv, c.d_model, bias=False)  # W_O
+        self.kv_b_proj = Linear(self.r, c.n_head * (self.dn + self.dv))  # W_UK and W_UV
+        self.o_proj = Linear(c.n_head * self.dv, c.d_model)  # W_O
 
     def cache_shapes(self, batch_size: int, capacity: int) -> list[tuple[int, ...]]:
         return [(batch_size, capacity, self.r + self.dr)]
@@ -217,7 +192,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             (latent,) = cache.write(input_pos, torch.cat((c_kv, k_rope), dim=-1))  # (B, capacity, r + dr)
             if absorb and T <= self.max_absorbed_queries:
-                y = self.attend_absorbed(q_nope, q_rope, latent, mask)
+                y = self.attend_absorbed(q_nope, q_rope, latent, mask, cache.pad, input_pos)
             else:
                 y = self.attend_decompressed(q_nope, q_rope, *latent.split([self.r, self.dr], dim=-1), mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -252,42 +227,21 @@ class MultiHeadLatentAttention(nn.Module):
         y = grouped_attention(q, k, F.pad(v, (0, self.dn + self.dr - self.dv)), self.scale, mask, dropout_p)
         return y[..., :self.dv]
 
-    def attend_absorbed(self, q_nope, q_rope, latent, mask) -> torch.Tensor:
+    def attend_absorbed(self, q_nope, q_rope, latent, mask, pad, input_pos) -> torch.Tensor:
         """Attend over the latent cache without decompressing it: W_UK is absorbed into the query, and W_UV is
         applied after the probabilities are reduced against c_KV. This is multi-query attention with one key
         [c_KV | k_rope] of width r + dr per position, read in place from the cache.
 
-        q_nope (B, H, T, dn), q_rope (B, H, T, dr), latent = [c_KV | k_rope] (B, S, r + dr),
-        mask (B, 1, T, S) -> (B, H, T, dv)."""
+        q_nope (B, H, T, dn), q_rope (B, H, T, dr), latent = [c_KV | k_rope] (B, S, r + dr), mask (B, 1, T, S),
+        and the same visibility as the cache's left padding pad (B,) and the new tokens' slots input_pos (T,)
+        -> (B, H, T, dv)."""
         B, H, T, _ = q_nope.shape
         w_uk, w_uv = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.r).split([self.dn, self.dv], 1)
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
         q = torch.cat((q_latent, q_rope), dim=-1).to(latent.dtype)  # (B, H, T, r + dr)
-        o_latent = latent_attention(q.reshape(B, 1, H * T, self.r + self.dr), latent.unsqueeze(1),
-                                    fold_mask(mask, H), self.scale)[..., :self.r]  # (B, 1, H * T, r)
+        o_latent = latent_attention(q.reshape(B, 1, H * T, self.r + self.dr), latent.unsqueeze(1), fold_mask(mask, H),
+                                    pad, input_pos, self.scale, self.r)  # (B, 1, H * T, r)
         return torch.einsum("bhtr,hvr->bhtv", o_latent.reshape(B, H, T, self.r).to(w_uv.dtype), w_uv)
-
-
-def latent_attention(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q latent^T * scale + mask) latent for one key/value head shared by every query row:
-    q (B, 1, M, E), latent (B, 1, S, E), mask (B, 1, M or 1, S) -> (B, 1, M, E). The caller keeps the first r
-    columns (c_KV's part). Both formulations read the cache in place and put the scale on the query.
-
-    On the CPU, SDPA's fused kernel: it takes key and value of one width only, so the whole latent goes in as
-    the value (with a narrower value slice SDPA falls back to its math path, which rescales the whole cache at
-    every step: 3-7x slower at batch 8 and 4,096 positions on the 2-core dev CPU). On CUDA that kernel does not
-    exist for widths over 256 and the one that does runs one thread block per batch row, so two matmuls,
-    spread over every SM by cuBLAS, with the softmax between them in float32."""
-    if latent.device.type == "cuda":
-        return latent_attention_matmul(q, latent, mask, scale)
-    return F.scaled_dot_product_attention(q, latent, latent, attn_mask=mask.to(q.dtype), scale=scale)
-
-
-def latent_attention_matmul(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """latent_attention as two matmuls: q (B, 1, M, E), latent (B, 1, S, E), mask (B, 1, M or 1, S)
-    -> (B, 1, M, E)."""
-    scores = torch.matmul(q * scale, latent.transpose(-1, -2)).float() + mask
-    return torch.matmul(scores.softmax(dim=-1).to(latent.dtype), latent)
 
 
 # ---- baselines ----------------------------------------------------------------------------------
@@ -304,10 +258,10 @@ class GroupedQueryAttention(nn.Module):
         # temperature on every logit, as MLA gets when mscale = mscale_all_dim (DeepSeek's released configs).
         self.scale = softmax_scale(config, self.hd)
         self.dropout = config.dropout
-        self.q_proj = nn.Linear(config.d_model, self.n_head * self.hd, bias=False)
-        self.k_proj = nn.Linear(config.d_model, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(config.d_model, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.hd, config.d_model, bias=False)
+        self.q_proj = Linear(config.d_model, self.n_head * self.hd)
+        self.k_proj = Linear(config.d_model, self.n_kv * self.hd)
+        self.v_proj = Linear(config.d_model, self.n_kv * self.hd)
+        self.o_proj = Linear(self.n_head * self.hd, config.d_model)
 
     def cache_shapes(self, batch_size: int, capacity: int) -> list[tuple[int, ...]]:
         return [(batch_size, self.n_kv, capacity, self.hd)] * 2

@@ -8,6 +8,7 @@ from torch import nn
 
 from attention import LayerCache, RowBlock, rope_tables
 from block import Block
+from kernels import Linear, visible
 from model_config import ModelConfig
 
 
@@ -30,15 +31,19 @@ class RotaryTables:
 
 
 class Cache:
-    """The decode cache of B sequences of up to `capacity` positions: one LayerCache per layer, and each row's
-    left padding pad (B,), for prompts of different lengths decoded as one batch.
+    """The decode cache of B sequences of up to `capacity` positions: one LayerCache per layer, each holding each
+    row's left padding pad (B,), for prompts of different lengths decoded as one batch.
 
     It keeps no count of what it holds. Each forward names the slots it writes (input_pos), and each query at
     slot p reads the slots pad[b] .. p of its row. So rewinding is writing at earlier slots again, and a new
     sequence in the same cache is a forward from slot 0; nothing else needs resetting."""
 
-    def __init__(self, layers: list[LayerCache], pad: torch.Tensor):
-        self.layers, self.pad = layers, pad
+    def __init__(self, layers: list[LayerCache]):
+        self.layers = layers
+
+    @property
+    def pad(self) -> torch.Tensor:
+        return self.layers[0].pad
 
     @property
     def capacity(self) -> int:
@@ -51,13 +56,13 @@ class Cache:
 
     def positions_and_mask(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """For new tokens at slots input_pos (T,): their RoPE positions (B, T), slot minus the row's padding,
-        and the additive attention mask (B, 1, T, capacity) in dtype: 0 where a query reads, -inf elsewhere.
-        A padding slot's query reads only itself, so that its (unused) output stays finite."""
+        and the additive attention mask (B, 1, T, capacity) in dtype: 0 where a query reads (kernels.visible),
+        -inf elsewhere."""
         slots = torch.arange(self.capacity, device=input_pos.device)
         query_slot = input_pos[:, None]  # (T, 1)
         pad = self.pad[:, None, None]  # (B, 1, 1)
-        visible = (slots <= query_slot) & ((slots >= pad) | (slots == query_slot))  # (B, T, capacity)
-        mask = torch.zeros(visible.shape, dtype=dtype, device=input_pos.device).masked_fill(~visible, -math.inf)
+        seen = visible(slots, query_slot, pad)  # (B, T, capacity)
+        mask = torch.zeros(seen.shape, dtype=dtype, device=input_pos.device).masked_fill(~seen, -math.inf)
         return (input_pos[None, :] - self.pad[:, None]).clamp(min=0), mask.unsqueeze(1)
 
 
@@ -69,7 +74,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryTables(config)
@@ -126,10 +131,9 @@ class Transformer(nn.Module):
         if capacity > self.config.block_size:
             raise ValueError(f"a cache of {capacity} positions is longer than block_size {self.config.block_size}")
         weight = self.embed_tokens.weight
-        layers = [LayerCache(layer.self_attn.cache_shapes(batch_size, capacity), dtype or weight.dtype, weight.device)
-                  for layer in self.layers]
-        pad = torch.zeros(batch_size, dtype=torch.long) if pad is None else pad
-        return Cache(layers, pad.to(weight.device))
+        pad = (torch.zeros(batch_size, dtype=torch.long) if pad is None else pad).to(weight.device)
+        return Cache([LayerCache(layer.self_attn.cache_shapes(batch_size, capacity), dtype or weight.dtype,
+                                 weight.device, pad) for layer in self.layers])
 
     def decode_step(self, token: torch.Tensor, cache: Cache, input_pos: torch.Tensor,
                     absorb: bool = True) -> torch.Tensor:

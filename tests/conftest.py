@@ -2,7 +2,8 @@
 or from the files that MLA_TINY_SHAKESPEARE (its input.txt) and MLA_TIKTOKEN_FILE (r50k_base.tiktoken) name; the
 tests that need them skip, saying why, when they are absent (tests never download). Also the helpers and fixtures
 that several test modules use: tiny models, weights randomized for comparisons, random tokens, prepared byte-token
-data, one thread."""
+data, the kernels forced, one thread."""
+import contextlib
 import hashlib
 import json
 import os
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+import attention
 import dataset
+import kernels
 from model import Transformer
 from model_config import ModelConfig
 
@@ -89,6 +92,27 @@ def byte_data(tmp_path_factory) -> Path:
     """The first 200 kB of Tiny Shakespeare as byte tokens: 180,000 for train, 20,000 for val."""
     tokens = np.frombuffer(shakespeare_bytes(200_000), dtype=np.uint8)
     return write_byte_data(tmp_path_factory.mktemp("bytes"), tokens, val_tokens=20_000)
+
+
+@pytest.fixture(params=["chosen", "forced"])
+def kernel_choice(request, monkeypatch):
+    """A test that uses it runs twice: with kernels.py's choices as they fall for tiny models (tiny caches are too
+    short to split and tiny weights too small to chunk), and with the CPU's alternatives forced: MLA's latent
+    attention split into 3 chunks, and every weight with an even number of rows multiplied in 2 blocks. With
+    EVERY_KERNEL, a third time with "flex": MLA's absorbed attention on flex_latent_attention, as a compiled step
+    on CUDA takes it (here flex_attention's unfused path), without gradients (as decoding runs; flex_attention
+    has no backward on the CPU)."""
+    if request.param == "forced":
+        monkeypatch.setattr(kernels, "latent_chunks", lambda batch, slots, threads: 3)
+        monkeypatch.setattr(kernels, "linear_chunks", lambda rows, out_features, *_: 2 - out_features % 2)
+    if request.param == "flex":
+        monkeypatch.setattr(attention, "latent_attention", lambda q, latent, mask, pad, input_pos, scale, r:
+                            kernels.flex_latent_attention(q, latent, pad, input_pos, scale, r))
+    with torch.no_grad() if request.param == "flex" else contextlib.nullcontext():
+        yield
+
+
+EVERY_KERNEL = pytest.mark.parametrize("kernel_choice", ["chosen", "forced", "flex"], indirect=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,27 @@
 """Decoding through the cache: each attention formulation against a reference written out head by head,
 explicit positions (rewinding, padding), batched prompts of different lengths against one-by-one generation,
 the compiled decode step against eager, and the cache's contents and dtype. Float32 on the CPU."""
+import copy
 import math
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from attention import MultiHeadLatentAttention, latent_attention, latent_attention_matmul
-from conftest import KIND_IDS, KINDS, VOCAB, random_tokens, tiny_model
+from attention import MultiHeadLatentAttention
+from conftest import EVERY_KERNEL, KIND_IDS, KINDS, VOCAB, random_tokens, tiny_model
 from model import left_pad
 from model_config import ModelConfig
+
+
+@pytest.fixture
+def fresh_compiler():
+    """torch.compile's caches emptied: every model compiled in this process is an entry in the one cache of
+    decode_step's code, and past torch._dynamo.config.recompile_limit a fullgraph compile fails."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
 
 def padded_causal_mask(pad: list[int], first_slot: int, queries: int, slots: int) -> torch.Tensor:
     """(B, 1, T, S) additive mask: query t at slot first_slot + t of row b reads slots pad[b] .. first_slot + t."""
@@ -39,6 +50,7 @@ def reference_latent_decode(attn: MultiHeadLatentAttention, q_nope, q_rope, c_kv
 
 
 @pytest.mark.parametrize("batch, queries", [(1, 1), (3, 1), (1, 4), (3, 4)])
+@pytest.mark.usefixtures("kernel_choice")
 def test_every_decode_formulation_equals_the_reference(batch, queries):
     config = ModelConfig.from_preset("tiny", vocab_size=VOCAB)
     torch.manual_seed(0)
@@ -51,23 +63,11 @@ def test_every_decode_formulation_equals_the_reference(batch, queries):
     mask = padded_causal_mask(pad, first_slot=S - queries - 3, queries=queries, slots=S)  # 3 unused slots at the end
     expected = reference_latent_decode(attn, q_nope, q_rope, c_kv, k_rope, mask)
     latent = torch.cat((c_kv, k_rope), dim=-1)
-    torch.testing.assert_close(attn.attend_absorbed(q_nope, q_rope, latent, mask), expected, atol=1e-5, rtol=1e-5)
+    input_pos = torch.arange(S - queries - 3, S - 3)
+    torch.testing.assert_close(attn.attend_absorbed(q_nope, q_rope, latent, mask, torch.tensor(pad), input_pos),
+                               expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attn.attend_decompressed(q_nope, q_rope, c_kv, k_rope, mask), expected,
                                atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("rows_per_mask", [1, 12])
-def test_latent_attention_formulations_agree(rows_per_mask):
-    torch.manual_seed(0)
-    B, M, S, E = 2, 12, 50, 40
-    q, latent = torch.randn(B, 1, M, E), torch.randn(B, 1, S, E)
-    mask = torch.zeros(B, 1, rows_per_mask, S)
-    mask[0, ..., 30:] = -math.inf
-    mask[1, ..., :7] = -math.inf
-    fused = latent_attention(q, latent, mask, 0.3)  # the CPU's choice: SDPA's fused kernel
-    torch.testing.assert_close(latent_attention_matmul(q, latent, mask, 0.3), fused, atol=1e-6, rtol=1e-5)
-    scores = (q @ latent.transpose(-1, -2)) * 0.3 + mask
-    torch.testing.assert_close(fused, scores.softmax(-1) @ latent, atol=1e-6, rtol=1e-5)
 
 
 def test_prefill_decompresses_and_decoding_absorbs(monkeypatch):
@@ -84,6 +84,7 @@ def test_prefill_decompresses_and_decoding_absorbs(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.usefixtures("kernel_choice")
 def test_rewinding_is_writing_earlier_slots_again(kind):
     model = tiny_model(**kind)
     first, second = random_tokens(2, 30, seed=1), random_tokens(2, 30, seed=2)
@@ -96,6 +97,8 @@ def test_rewinding_is_writing_earlier_slots_again(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@EVERY_KERNEL
+@pytest.mark.usefixtures("kernel_choice")
 def test_batched_prompts_of_different_lengths_generate_what_each_generates_alone(kind):
     model = tiny_model(**kind)
     prompts = [[5, 6, 7], random_tokens(1, 17)[0].tolist(), [9], random_tokens(1, 8, seed=3)[0].tolist()]
@@ -132,6 +135,8 @@ def test_sampling_never_draws_ids_past_the_vocab_limit():
 
 
 @pytest.mark.parametrize("kind", [dict(attention="mla"), dict(attention="mha")], ids=["mla", "mha"])
+@EVERY_KERNEL
+@pytest.mark.usefixtures("kernel_choice", "fresh_compiler")
 def test_compiled_decode_step_equals_eager_and_compiles_once(kind):
     model = tiny_model(**kind)
     prompt = random_tokens(2, 6)
@@ -143,12 +148,15 @@ def test_compiled_decode_step_equals_eager_and_compiles_once(kind):
     assert counter.frame_count == 1  # 23 decode steps, one graph: no recompiles
 
 
+@EVERY_KERNEL
+@pytest.mark.usefixtures("kernel_choice", "fresh_compiler")
 def test_decode_step_through_aot_autograd_equals_eager():
     """The compiled graph with its cache writes functionalised (aot_eager: the tracing and functionalisation
     half of inductor, without its C++ code generation, which takes minutes on a 2-core CPU; the benchmark runs
-    the full inductor build)."""
+    the full inductor build), over a left-padded batch."""
     model = tiny_model()
-    cache_eager, cache_compiled = model.make_cache(2, 16), model.make_cache(2, 16)
+    pad = torch.tensor([0, 3])
+    cache_eager, cache_compiled = model.make_cache(2, 16, pad=pad), model.make_cache(2, 16, pad=pad)
     prompt = random_tokens(2, 12)
     for cache in (cache_eager, cache_compiled):
         model(prompt[:, :8], cache=cache, input_pos=torch.arange(8))
@@ -182,3 +190,23 @@ def test_a_bfloat16_cache_holds_bfloat16_and_decodes_close_to_float32():
     assert cache.layers[0].tensors[0].dtype == torch.bfloat16
     logits = model(prompt[:, 9:10], cache=cache, input_pos=torch.tensor([9]))[0]
     torch.testing.assert_close(logits, model(prompt)[0][:, -1:], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_a_bfloat16_model_decodes_close_to_its_float32_weights(kind, batch):
+    """Each variant in bfloat16 on the CPU's bfloat16 kernels (MHA/GQA: two matmuls; MLA: the fused kernel at
+    batch 1, two matmuls at batch 8), against the same weights in float32."""
+    model = tiny_model(**kind)
+    with torch.no_grad():  # attention far from uniform, so that a wrong score shows
+        for name, weight in model.named_parameters():
+            if "self_attn" in name and weight.dim() == 2:
+                weight.mul_(8)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    prompt = random_tokens(batch, 12)
+    logits = []
+    for m in (model, half):
+        cache = m.make_cache(batch, 12)
+        m(prompt[:, :11], cache=cache, input_pos=torch.arange(11))
+        logits.append(m.decode_step(prompt[:, 11:], cache, torch.tensor([11])).float())
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-2, rtol=2e-2)

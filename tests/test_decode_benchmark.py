@@ -231,3 +231,17 @@ def test_a_failing_compile_is_one_error(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **options: broken)
     with pytest.raises(CLIError, match=r"^--compile failed: RuntimeError: no C\+\+ compiler$"):
         bench.DecodeBench(tiny("mla"), 16, "cpu", torch.float32, steps=1, compile=True)
+
+
+def test_bf16_drift_compares_every_variant_teacher_forced(capsys):
+    """benchmarks/bf16_drift.py: one row per variant, each a small nonzero gap (bfloat16 rounds, float32 does
+    not), and the bfloat16 copy fed float32's tokens (so its argmax may differ without the inputs diverging)."""
+    from benchmarks import bf16_drift
+    bf16_drift.main(["--preset", "shakespeare", "--prompt", "4", "--steps", "3"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| m")
+            or line.startswith("| g")]
+    assert [cells[0].strip() for cells in rows] == list(bf16_drift.KINDS)
+    for cells in rows:
+        largest, median = float(cells[1]), float(cells[2])
+        assert 0 < median <= largest < 0.1
+        assert cells[4].strip().endswith("/3")

@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from attention import LayerCache, MultiHeadLatentAttention, apply_rope, rope_tables
-from conftest import KIND_IDS, KINDS, VOCAB, random_tokens, tiny_model
+from conftest import EVERY_KERNEL, KIND_IDS, KINDS, VOCAB, random_tokens, tiny_model
 from model import Transformer
 from model_config import PRESETS, VARIANTS, ModelConfig
 
@@ -50,6 +50,7 @@ def reference_mla(attn: MultiHeadLatentAttention, h: torch.Tensor, config: Model
     return out.reshape(T, H * dv) @ attn.o_proj.weight.T
 
 
+@pytest.mark.usefixtures("kernel_choice")
 @pytest.mark.parametrize("q_lora_rank", [32, 0])
 def test_mla_matches_the_paper_equations(q_lora_rank):
     config = ModelConfig.from_preset("tiny", vocab_size=VOCAB, q_lora_rank=q_lora_rank)
@@ -76,6 +77,8 @@ def test_causality(kind):
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("chunk", [1, 3])
+@EVERY_KERNEL
+@pytest.mark.usefixtures("kernel_choice")
 def test_cached_decode_equals_full_forward(kind, chunk):
     """A prefill of 10 tokens, then chunks of new tokens through the cache: every position's logits equal the
     full forward's; with last_only, each call's last position's."""
@@ -95,6 +98,7 @@ def test_cached_decode_equals_full_forward(kind, chunk):
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.usefixtures("kernel_choice")
 def test_greedy_generate_equals_full_recompute(kind):
     model = tiny_model(**kind)
     prompt = random_tokens(2, 7)
@@ -105,6 +109,7 @@ def test_greedy_generate_equals_full_recompute(kind):
     assert torch.equal(generated, seq)
 
 
+@pytest.mark.usefixtures("kernel_choice")
 def test_absorbed_decode_equals_decompressed_decode_through_the_model(monkeypatch):
     """30 greedy tokens decoded by weight absorption, and with absorb=False (decompressing the cache at every
     step, which never calls attend_absorbed), are the same tokens."""
@@ -139,7 +144,7 @@ def test_gpt2_small_cache_is_288_against_mha_1536_per_layer():
     for kind in ("mla", "mha"):
         config = ModelConfig.from_preset("gpt2-small", attention=kind)
         block = Transformer(config.__class__.from_dict({**config.to_dict(), "n_layer": 1, "vocab_size": 64}))
-        cache = LayerCache(block.layers[0].self_attn.cache_shapes(1, 8), torch.float32, "cpu")
+        cache = LayerCache(block.layers[0].self_attn.cache_shapes(1, 8), torch.float32, "cpu", torch.zeros(1))
         measured[kind] = sum(t.numel() for t in cache.tensors) // 8
         assert measured[kind] == config.kv_cache_values_per_token_per_layer()
     assert measured == {"mla": 288, "mha": 1536}
