@@ -30,6 +30,7 @@ CAPACITY_CONTENDERS = ("mla absorbed", "mha", "gqa", "mqa")  # one per attention
 # Left free beyond the caches and a step's temporaries, for activations and allocator slack, and on a shared
 # machine for other processes' growth: with 1 GiB, a run beside other jobs on a 24 GiB machine was OOM-killed.
 MEMORY_MARGIN = 3 * 2**30
+RECOMPILE_LIMIT = 64  # graphs of the decode step one process may compile (DecodeBench with compile)
 PROBE_BYTES = 2**30  # the bandwidth probe sums this much float32, far more than any CPU cache holds
 
 
@@ -100,6 +101,11 @@ class DecodeBench:
         self.configs = {variant: replace(config, **VARIANTS[variant], block_size=max_context, dropout=0.0)
                         for variant, _ in CONTENDERS.values()}
         check_model_fits(self.configs.values(), self.device, dtype)
+        if compile:
+            # Every model's decode_step is one function to torch.compile (Transformer.decode_step's code), each
+            # model and shape a graph of it: 4 models at 2 batches already pass dynamo's default limit of 8,
+            # after which a fullgraph compile fails (FailOnRecompileLimitHit).
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.models = {variant: self.build(c) for variant, c in self.configs.items()}
         self.step_functions = {variant: self.step_function(model, compile) for variant, model in self.models.items()}
         # Untimed rounds before each row's timed ones; CUDA graphs (reduce-overhead) are recorded on the third call.

@@ -108,7 +108,7 @@ def latent_attention(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, 
         # at 8 x 16K, but 0.74x at batch 1 x 2K and 0.67x at 1 x 16K, where the fused kernel split in 2 chunks
         # tied the unsplit one (1.00x at 16K). Batches between 1 and 8 were not measured.
         return attention_matmul(q, latent, latent, mask, scale)[..., :r]
-    chunks = latent_chunks(q.size(0), latent.size(2), threads()) if cpu else 1
+    chunks = latent_chunks(q.size(0), latent.size(2), threads(), q.dtype) if cpu else 1
     return split_latent_attention(q, latent, mask, scale, chunks)[..., :r]
 
 
@@ -133,20 +133,21 @@ def flex_latent_attention(q: torch.Tensor, latent: torch.Tensor, pad: torch.Tens
     return flex_attention(q, latent, latent[..., :r], block_mask=block_mask, scale=scale)
 
 
-def latent_chunks(batch: int, slots: int, threads: int) -> int:
+def latent_chunks(batch: int, slots: int, threads: int, dtype: torch.dtype = torch.float32) -> int:
     """How many context chunks split_latent_attention takes for batch rows over slots cache slots on threads
     threads: 1 (no split) when the batch gives every thread a row, else enough that every thread has a chunk,
-    never chunks of fewer than 1,024 slots."""
-    # Per layer, q 12 x 288 over the latent, float32, 2 threads, OMP_WAIT_POLICY=PASSIVE, median of per-round
-    # ratios, 9 rounds, on the shared 2-core AMD EPYC (Zen 5) dev VM under contention (loadavg 4.9-10.2: the
-    # process got 0.4-0.65 of the 2 cores) (issue 18's prototype, sweep_attention.py --kind mla --dtype float32
-    # --contexts 512 2048 8192 16384 32768 --batches 1 8 --rounds 9): batch 1, 2 chunks against the unsplit kernel
-    # 0.72x at 512 slots, 1.20x at 2K, 1.21x at 8K, 1.43x at 16K, 1.22x at 32K; 4 and 8 chunks no better than 2;
-    # batch 8, 0.82-0.98x for every chunk count. Under the default (spinning) OpenMP wait policy the unsplit
-    # kernel took 150-250 ms per layer at batch 1 x 2K, 2 chunks 19 ms. A quiet machine should confirm these.
+    never chunks of fewer than 1,024 slots in float32, 8,192 in bfloat16."""
+    # The whole gpt2-small decode step, batch 1, 2 threads, default OpenMP policy, on the 2-core AMD EPYC (Zen 5)
+    # dev VM with nothing else running (load average 1.5-2.3), 3 rounds interleaved with the unsplit kernel's
+    # commit (benchmarks/bench_decode.py, results/decode-cpu-2026-12-01.md): MLA with the split (and the chunked
+    # LM head) against the unsplit kernel, float32: 1.14x at 2K, 1.23x at 16K, 1.35x at 32K; bfloat16 with the
+    # split from 1,024 slots: 0.88x at 2K [0.87-0.93], 1.24x at 16K, 1.20x at 32K. Earlier, per layer under
+    # contention (the prototype's sweep_attention.py): 2 chunks 0.72x at 512 slots, 1.20-1.43x from 2K to 32K;
+    # 4 and 8 chunks no better than 2; at batch 8, 0.82-0.98x for every chunk count.
     if batch >= threads:
         return 1
-    return max(1, min(math.ceil(threads / batch), slots // 1024))
+    shortest = 1024 if dtype == torch.float32 else 8192
+    return max(1, min(math.ceil(threads / batch), slots // shortest))
 
 
 _flash_attention_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # SDPA's fused CPU kernel, + LSE
@@ -229,25 +230,22 @@ class Linear(nn.Linear):
 
 def linear_chunks(rows: int, out_features: int, in_features: int, dtype: torch.dtype, threads: int) -> int:
     """How many blocks of output rows chunked_linear cuts an (out_features, in_features) weight into, for rows
-    input rows on threads threads; 1 is plain F.linear. Float32 only; at one row, one block per thread for a
-    weight of the LM head's size (2^24 values or more); at 2-8 rows, 8 blocks for weights of 2^19 values or more
-    with 1,024 output rows or more (LM head, q_b_proj, FFN gate and up); always a count that divides
-    out_features."""
-    # Per weight, 2 threads, OMP_WAIT_POLICY=PASSIVE, each call after a 96 MiB cache flush, 5 rounds, on the shared
-    # 2-core AMD EPYC (Zen 5) dev VM under contention (loadavg 6.9-7.2: the process got about half of the 2 cores;
-    # "p10", the 10th percentile of per-call times, stands for a call that had both) (issue 18's prototype,
-    # sweep_linear.py --dtypes float32 bfloat16 --rows 1 8 --chunks 2 8 --rounds 5). Float32 at one row: the
-    # LM head (50304 x 768) on F.linear (MKL's SGEMM, both threads) 21.1 ms median, 7.6 GB/s at p10, in 2 blocks
-    # 10.1 ms, 16.3 GB/s: 2.1x (8 blocks 1.7x); FFN gate/up, q_b_proj, kv_b_proj and o_proj gained 1.15-1.37x
-    # by p10 but lost or tied by median; q_a_proj, kv_a_proj and GQA's k/v (256-512 x 768) lost, 0.8-0.9x by p10. At 8
-    # rows, 8 blocks against F.linear by p10: LM head 2.15x, q_b_proj 1.49x, FFN gate/up 1.38x, o_proj 1.18x,
-    # FFN down (768 x 2048) 0.88x (2 to 7 rows were not measured). Bfloat16 (oneDNN's brgemm) lost everywhere,
-    # 0.44-0.79x.
+    input rows on threads threads; 1 is plain F.linear. Float32 only; at one row, two blocks per thread for every
+    weight of 2^17 values or more; at 2-8 rows, 8 blocks for weights of 2^19 values or more with 1,024 output
+    rows or more (LM head, q_b_proj, kv_b_proj, FFN gate and up); always a count that divides out_features."""
+    # Per weight of gpt2-small, 2 threads, each call after streaming 64 MiB (so that the weight comes from DRAM,
+    # as in a step), median of 30 interleaved rounds, on the 2-core AMD EPYC (Zen 5) dev VM with nothing else
+    # running (results/decode-cpu-2026-12-01.md). Float32, one row, F.linear (MKL's SGEMV) against 4 blocks: LM
+    # head (50304 x 768) 9.07 -> 3.42 ms (17 -> 45 GB/s), FFN gate/up 0.360 -> 0.143 ms, FFN down 0.281 -> 0.149,
+    # o_proj 0.148 -> 0.075, kv_b_proj 0.221 -> 0.093, q_b_proj 0.209 -> 0.095, kv_a_proj (288 x 768) 0.070 ->
+    # 0.060; 2 blocks gained less (LM head 3.59 ms). Float32, 8 rows, 8 blocks: LM head 2.3x, kv_b_proj 1.8x,
+    # FFN gate/up 1.25x, q_b_proj 1.2x, o_proj and MHA's projections 1.1-1.2x, FFN down 0.88x. Bfloat16 (oneDNN),
+    # one row: F.linear already reads the LM head at 60 GB/s, and every chunked form loses (0.5-0.7x).
     if threads == 1 or dtype != torch.float32 or rows > 8:
         return 1
     weights = out_features * in_features
     if rows == 1:
-        chunks = threads if weights >= 2**24 else 1
+        chunks = 2 * threads if weights >= 2**17 else 1
     else:
         chunks = 8 if weights >= 2**19 and out_features >= 1024 else 1
     while out_features % chunks:

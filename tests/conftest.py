@@ -103,7 +103,7 @@ def kernel_choice(request, monkeypatch):
     on CUDA takes it (here flex_attention's unfused path), without gradients (as decoding runs; flex_attention
     has no backward on the CPU)."""
     if request.param == "forced":
-        monkeypatch.setattr(kernels, "latent_chunks", lambda batch, slots, threads: 3)
+        monkeypatch.setattr(kernels, "latent_chunks", lambda batch, slots, threads, dtype: 3)
         monkeypatch.setattr(kernels, "linear_chunks", lambda rows, out_features, *_: 2 - out_features % 2)
     if request.param == "flex":
         monkeypatch.setattr(attention, "latent_attention", lambda q, latent, mask, pad, input_pos, scale, r:
@@ -113,6 +113,15 @@ def kernel_choice(request, monkeypatch):
 
 
 EVERY_KERNEL = pytest.mark.parametrize("kernel_choice", ["chosen", "forced", "flex"], indirect=True)
+
+
+@pytest.fixture
+def fresh_compiler():
+    """torch.compile's caches emptied: every model compiled in this process is an entry in the one cache of
+    decode_step's code, and past torch._dynamo.config.recompile_limit a fullgraph compile fails."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")

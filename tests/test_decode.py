@@ -14,15 +14,6 @@ from model import left_pad
 from model_config import ModelConfig
 
 
-@pytest.fixture
-def fresh_compiler():
-    """torch.compile's caches emptied: every model compiled in this process is an entry in the one cache of
-    decode_step's code, and past torch._dynamo.config.recompile_limit a fullgraph compile fails."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def padded_causal_mask(pad: list[int], first_slot: int, queries: int, slots: int) -> torch.Tensor:
     """(B, 1, T, S) additive mask: query t at slot first_slot + t of row b reads slots pad[b] .. first_slot + t."""
     mask = torch.full((len(pad), 1, queries, slots), -math.inf)

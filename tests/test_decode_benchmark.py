@@ -233,6 +233,19 @@ def test_a_failing_compile_is_one_error(monkeypatch):
         bench.DecodeBench(tiny("mla"), 16, "cpu", torch.float32, steps=1, compile=True)
 
 
+@pytest.mark.usefixtures("fresh_compiler")
+def test_compiled_sweep_of_every_model_at_several_batches_and_contexts(monkeypatch):
+    """All models' compiled decode steps are graphs of one function to dynamo: 4 models x 2 batches x 2 contexts
+    pass its default limit of 8 graphs (a FailOnRecompileLimitHit before DecodeBench raised it). Dynamo's eager
+    backend: the graphs and their guards as inductor would get them, without its C++ build."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile(fn, fullgraph=True, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    sweep = bench.DecodeBench(tiny("mla"), 16, "cpu", torch.float32, steps=1, compile=True).sweep([8, 16], [1, 2])
+    rows = [row for group in sweep for row in group]
+    assert len(rows) == 2 * 2 * len(VARIANTS) and all(r["fits"] for r in rows)
+
+
 def test_bf16_drift_compares_every_variant_teacher_forced(capsys):
     """benchmarks/bf16_drift.py: one row per variant, each a small nonzero gap (bfloat16 rounds, float32 does
     not), and the bfloat16 copy fed float32's tokens (so its argmax may differ without the inputs diverging)."""

@@ -107,12 +107,17 @@ def test_latent_chunks_splits_only_when_the_batch_leaves_threads_idle(batch, slo
     assert latent_chunks(batch, slots, threads) == chunks
 
 
+@pytest.mark.parametrize("slots, chunks", [(2048, 1), (8191, 1), (16384, 2), (32768, 2)])
+def test_bfloat16_latent_chunks_are_8192_slots_or_more(slots, chunks):
+    assert latent_chunks(1, slots, 2, torch.bfloat16) == chunks
+
+
 def test_latent_attention_takes_the_split_kernel_where_latent_chunks_says(monkeypatch):
     """The rule wired in: a tiny MLA decode step runs the chunked kernel when latent_chunks asks for chunks."""
     calls = []
     fused = kernels._flash_attention_cpu
     monkeypatch.setattr(kernels, "_flash_attention_cpu", lambda *a, **k: calls.append(a[1].size(1)) or fused(*a, **k))
-    monkeypatch.setattr(kernels, "latent_chunks", lambda batch, slots, threads: 3)
+    monkeypatch.setattr(kernels, "latent_chunks", lambda batch, slots, threads, dtype: 3)
     model = tiny_model()
     model.generate(random_tokens(2, 5), max_new_tokens=2, temperature=0)
     assert calls == [3] * 2 * model.config.n_layer  # the prefill of 5 and one decode step, every layer
@@ -155,13 +160,13 @@ def test_linear_has_nn_linears_state_dict_and_picks_its_product_by_linear_chunks
 
 
 @pytest.mark.parametrize("rows, shape, dtype, threads, chunks", [
-    (1, (50304, 768), torch.float32, 2, 2),  # the LM head at one row
-    (1, (2048, 768), torch.float32, 2, 1), (1, (768, 768), torch.float32, 2, 1),
+    (1, (50304, 768), torch.float32, 2, 4), (1, (2048, 768), torch.float32, 2, 4),  # one row: 2 blocks a thread
+    (1, (288, 768), torch.float32, 2, 4), (1, (64, 768), torch.float32, 2, 1),  # under 2^17 values
     (8, (50304, 768), torch.float32, 2, 8), (8, (2048, 768), torch.float32, 2, 8), (4, (1152, 512), torch.float32, 2, 8),
     (8, (768, 2048), torch.float32, 2, 1), (8, (1536, 256), torch.float32, 2, 1),  # FFN down; under 2^19 values
     (9, (50304, 768), torch.float32, 2, 1), (1, (50304, 768), torch.float32, 1, 1),
     (1, (50304, 768), torch.bfloat16, 2, 1), (8, (2048, 768), torch.bfloat16, 2, 1),  # never in bfloat16
-    (1, (50257, 768), torch.float32, 2, 1), (8, (1100, 768), torch.float32, 2, 4),  # a count that divides
+    (1, (50257, 768), torch.float32, 2, 1), (1, (50306, 768), torch.float32, 2, 2), (8, (1100, 768), torch.float32, 2, 4),  # a count that divides
 ])
 def test_linear_chunks_follows_the_measurements(rows, shape, dtype, threads, chunks):
     assert linear_chunks(rows, *shape, dtype, threads) == chunks
