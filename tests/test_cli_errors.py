@@ -20,7 +20,7 @@ from checkpoint import load_checkpoint
 from conftest import REPO, write_byte_data
 
 SCRIPTS = ["train.py", "test.py --ckpt a.pt", "data_prepare.py", "compare.py", "convert_hf.py export --ckpt a.pt --out-dir b",
-           "benchmarks/bench_decode.py", "benchmarks/bench_train.py",
+           "benchmarks/bench_decode.py", "benchmarks/bench_train.py", "benchmarks/bench_linear.py", "benchmarks/bf16_drift.py",
            "benchmarks/llama_cpp.py --preset tiny --out-dir b", "convert_mla.py --ckpt a.pt --out b.pt --kv-lora-rank 8",
            "benchmarks/conversion_sweep.py --ckpt a.pt --data-dir d --out o.jsonl"]
 

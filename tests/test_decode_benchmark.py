@@ -258,3 +258,12 @@ def test_bf16_drift_compares_every_variant_teacher_forced(capsys):
         largest, median = float(cells[1]), float(cells[2])
         assert 0 < median <= largest < 0.1
         assert cells[4].strip().endswith("/3")
+
+
+def test_bench_linear_times_every_shape_and_block_count(capsys):
+    """benchmarks/bench_linear.py: a row per weight shape, a median for every block count that divides it."""
+    from benchmarks import bench_linear
+    bench_linear.main(["--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and " x " in line]
+    assert len(rows) == len(bench_linear.SHAPES)
+    assert all(cell.strip() != "–" for row in rows for cell in row.split("|")[3:-1])  # every shape divides by 8
