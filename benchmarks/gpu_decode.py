@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import kernels  # noqa: E402
 from attention import softmax_scale  # noqa: E402
 from cli import ArgumentParser, CLIError, first_line, positive_float, run  # noqa: E402
-from decode_benchmark import MEMORY_MARGIN, cache_bytes, random_cache, step_bytes  # noqa: E402
+from decode_benchmark import MEMORY_MARGIN, cache_bytes, random_cache, sharpen, step_bytes  # noqa: E402
 from fileio import atomic_write_all, owned_directory  # noqa: E402
 from model import Transformer, compile_decode_step, left_pad  # noqa: E402
 from model_config import PRESETS, VARIANTS  # noqa: E402
@@ -178,16 +178,8 @@ def compiled_step(model: Transformer, plan: Plan) -> Callable:
 
 
 def tiny_model(variant: str, device: torch.device) -> Transformer:
-    """The tiny preset as variant, float32, with weights large enough for sharp logits (std 0.1, norm gains
-    around 1), so that no rounding difference flips a greedy token."""
-    model = build(replace(PRESETS["tiny"], **VARIANTS[variant]), device, torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-            else:
-                param.normal_(0, 0.1)
-    return model
+    """The tiny preset as variant, float32, its weights sharpened (decode_benchmark.sharpen)."""
+    return sharpen(build(replace(PRESETS["tiny"], **VARIANTS[variant]), device, torch.float32))
 
 
 # ---- 1. correctness -------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Shared test setup: Tiny Shakespeare and GPT-2's BPE ranks come from ../shared when it is beside the checkout,
 or from the files that MLA_TINY_SHAKESPEARE (its input.txt) and MLA_TIKTOKEN_FILE (r50k_base.tiktoken) name; the
 tests that need them skip, saying why, when they are absent (tests never download). Also the helpers and fixtures
-that several test modules use: tiny models, weights randomized for comparisons, random tokens, prepared byte-token
-data, the kernels forced, one thread."""
+that several test modules use: tiny models, random tokens, prepared byte-token data, the kernels forced, one
+thread."""
 import contextlib
 import hashlib
 import json
@@ -56,17 +56,6 @@ KIND_IDS = ["mla", "mla-no-q-lora", "mha", "gqa"]
 def tiny_model(seed=0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB, **overrides)).eval()
-
-
-def randomize(model: torch.nn.Module):
-    """Weights large enough for sharp attention (std 0.1, where a RoPE mix-up moves the logits by ~2), and RMSNorm
-    gains away from their initial 1, so that every weight's mapping shows in the logits."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-            else:
-                param.normal_(0, 0.1)
 
 
 def random_tokens(batch, length, seed=1):

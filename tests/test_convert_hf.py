@@ -6,13 +6,14 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, require_gpt2_ranks
 
 import convert_hf
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cli import CLIError
+from decode_benchmark import sharpen
 from model import Transformer
 from model_config import ModelConfig
-from conftest import REPO, randomize, require_gpt2_ranks
 
 INSTALL = "pip install -r requirements-dev.txt"
 pytest.importorskip("safetensors", reason=f"convert_hf.py needs safetensors: {INSTALL}")
@@ -30,7 +31,7 @@ def project_model(q_lora_rank=32, tie_embeddings=True, qk_rope_head_dim=8, seed=
     config = ModelConfig.from_preset("tiny", **{"vocab_size": VOCAB, **overrides}, q_lora_rank=q_lora_rank,
                                      tie_embeddings=tie_embeddings, qk_rope_head_dim=qk_rope_head_dim)
     model = Transformer(config).eval()
-    randomize(model)
+    sharpen(model)
     return model
 
 
@@ -134,7 +135,7 @@ def test_model_saved_by_transformers_imports_with_the_same_logits(rope_interleav
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, tie_word_embeddings=tie,
         bos_token_id=None, eos_token_id=None)
     theirs = transformers.DeepseekV3ForCausalLM(config).eval()
-    randomize(theirs)
+    sharpen(theirs)
     theirs.save_pretrained(tmp_path / "hf")
 
     convert_hf.import_checkpoint(tmp_path / "hf", tmp_path / "imported.pt")
@@ -320,7 +321,7 @@ def test_yarn_model_saved_by_transformers_imports_with_the_same_logits(rope_scal
         rope_parameters={"rope_type": "yarn", "rope_theta": 5000.0, **rope_scaling}, bos_token_id=None,
         eos_token_id=None)
     theirs = transformers.DeepseekV3ForCausalLM(config).eval()
-    randomize(theirs)
+    sharpen(theirs)
     theirs.save_pretrained(tmp_path / "hf")
     if layout == "rope_scaling":
         saved = json.loads((tmp_path / "hf" / "config.json").read_text())

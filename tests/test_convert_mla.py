@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, randomize, shakespeare_bytes, write_byte_data
+from conftest import REPO, shakespeare_bytes, write_byte_data
 
 import attention
 import convert_mla
@@ -20,6 +20,7 @@ import latent_conversion as lc
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import CLIError
 from dataset import PreparedData
+from decode_benchmark import sharpen
 from evaluation import evaluate
 from model import Transformer
 from model_config import ModelConfig
@@ -61,7 +62,7 @@ def random_source(kind: str, seed: int = 0) -> Transformer:
     norm gains away from 1, in float64."""
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB, **SOURCES[kind])).eval()
-    randomize(model)
+    sharpen(model)
     return to_float64(model)
 
 
@@ -487,7 +488,7 @@ def test_the_sweep_writes_every_variant_and_the_exact_one_is_exact(random_data, 
     from benchmarks import conversion_sweep
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB, **SOURCES["mqa"]))
-    randomize(model)
+    sharpen(model)
     save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "mqa.pt")
     conversion_sweep.main(["--ckpt", str(tmp_path / "mqa.pt"), "--data-dir", str(random_data.data_dir),
                            "--out", str(tmp_path / "sweep.jsonl"), "--calib-tokens", "1024"])

@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import require_gpt2_ranks, shakespeare_bytes
 
 import cli
 import convert_hf
@@ -21,7 +22,7 @@ import hf_tokenizer
 from attention import rope_tables, softmax_scale
 from benchmarks import llama_cpp as llama_cpp_check
 from checkpoint import save_checkpoint
-from conftest import randomize, require_gpt2_ranks, shakespeare_bytes
+from decode_benchmark import sharpen
 from model import Transformer
 from model_config import ModelConfig
 from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer
@@ -98,7 +99,7 @@ def export_random_model(directory, seed=0, **overrides) -> tuple[Transformer, ob
     require_gpt2_ranks()
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.from_preset("tiny", **overrides)).eval()
-    randomize(model)
+    sharpen(model)
     ckpt = directory / "best.pt"
     save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict(), "step": 7,
                      "tokens_seen": 7168, "best_val_loss": 4.25, "train_config": asdict(TrainConfig(seed=5))}, ckpt)
