@@ -240,9 +240,9 @@ def test_compiled_sweep_of_every_model_at_several_batches_and_contexts(monkeypat
     backend: the graphs and their guards as inductor would get them, without its C++ build."""
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **options: compile(fn, fullgraph=True, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    sweep = bench.DecodeBench(tiny("mla"), 16, "cpu", torch.float32, steps=1, compile=True).sweep([8, 16], [1, 2])
-    rows = [row for group in sweep for row in group]
+    with torch._dynamo.config.patch(recompile_limit=8):  # the default, whatever an earlier test left
+        sweep = bench.DecodeBench(tiny("mla"), 16, "cpu", torch.float32, steps=1, compile=True).sweep([8, 16], [1, 2])
+        rows = [row for group in sweep for row in group]
     assert len(rows) == 2 * 2 * len(VARIANTS) and all(r["fits"] for r in rows)
 
 
