@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import Linear, fold_mask, grouped_attention, latent_attention
-from model_config import ModelConfig, yarn_mscale
+from model_config import ModelConfig, softmax_scale, yarn_mscale
 
 
 # ---- rotary position embedding ------------------------------------------------------------------
@@ -50,15 +50,6 @@ def yarn_inv_freq(inv_freq: torch.Tensor, theta: float, c: ModelConfig) -> torch
         high += 0.001  # as the reference code: avoids dividing by zero
     ramp = ((torch.arange(inv_freq.numel(), dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     return torch.lerp(inv_freq, inv_freq / c.rope_factor, ramp)  # exactly inv_freq when rope_factor is 1
-
-
-def softmax_scale(config: ModelConfig, qk_dim: int) -> float:
-    """1 / sqrt(qk_dim), times mscale(factor, mscale_all_dim)^2 under YaRN (DeepSeek-V2/V3): the temperature
-    correction reaches every query/key dim this way, not only the rotated ones."""
-    multiplier = 1.0
-    if config.rope_scaling == "yarn":
-        multiplier = yarn_mscale(config.rope_factor, config.mscale_all_dim) ** 2
-    return multiplier / math.sqrt(qk_dim)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

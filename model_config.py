@@ -14,6 +14,15 @@ def yarn_mscale(factor: float, mscale: float) -> float:
     return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
+def softmax_scale(config: "ModelConfig", qk_dim: int) -> float:
+    """1 / sqrt(qk_dim), times mscale(factor, mscale_all_dim)^2 under YaRN (DeepSeek-V2/V3): the temperature
+    correction reaches every query/key dim this way, not only the rotated ones."""
+    multiplier = 1.0
+    if config.rope_scaling == "yarn":
+        multiplier = yarn_mscale(config.rope_factor, config.mscale_all_dim) ** 2
+    return multiplier / math.sqrt(qk_dim)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 50304  # GPT-2's 50257, padded up to a multiple of 64

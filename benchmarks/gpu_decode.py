@@ -44,12 +44,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import kernels  # noqa: E402
-from attention import softmax_scale  # noqa: E402
 from cli import ArgumentParser, CLIError, first_line, positive_float, run  # noqa: E402
 from decode_benchmark import MEMORY_MARGIN, cache_bytes, random_cache, sharpen, step_bytes  # noqa: E402
 from fileio import atomic_write_all, owned_directory  # noqa: E402
 from model import Transformer, compile_decode_step, left_pad  # noqa: E402
-from model_config import PRESETS, VARIANTS  # noqa: E402
+from model_config import PRESETS, VARIANTS, softmax_scale  # noqa: E402
 from report import markdown_table  # noqa: E402
 from runtime import available_memory  # noqa: E402
 

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import convert_hf  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 import gguf_convert  # noqa: E402
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 from cli import ArgumentParser, CLIError, number, positive_int, run  # noqa: E402
@@ -97,7 +97,7 @@ def main(argv=None):
         model, ckpt = model_to_check(args, scratch)
         print(f"llama-cpp-python {version} ({args.llama_python}), converter {converter}; torch {torch.__version__}; "
               f"{args.threads} thread(s) each; {cpu_name()}; load average {os.getloadavg()[0]:.1f}", flush=True)
-        convert_hf.export_checkpoint(ckpt, out_dir / "hf", args.force)
+        export(ckpt, out_dir / "hf", args.force)
         llama_log = scratch / "llama.log"
         convert_log = ""
         try:
@@ -112,6 +112,16 @@ def main(argv=None):
     if failures:
         raise CLIError(f"llama.cpp does not compute what this model computes: {'; '.join(failures)} "
                        f"(see {out_dir / LOG_FILE})")
+
+
+def export(ckpt: Path, hf_dir: Path, force: bool) -> None:
+    """convert_hf.py export of ckpt into hf_dir, in its own process (scripts never import one another); its error
+    line becomes ours."""
+    command = [sys.executable, str(REPO / "convert_hf.py"), "export", "--ckpt", str(ckpt), "--out-dir", str(hf_dir)]
+    result = subprocess.run(command + ["--force"] * force, capture_output=True, text=True)
+    if result.returncode:
+        lines = result.stderr.strip().splitlines() or ["no message"]
+        raise CLIError(f"convert_hf.py export failed: {lines[-1].removeprefix('error: ')}")
 
 
 def llama_cpp_version(python: str) -> str:

@@ -19,12 +19,12 @@ import cli
 import convert_hf
 import gguf_convert
 import hf_tokenizer
-from attention import rope_tables, softmax_scale
+from attention import rope_tables
 from benchmarks import llama_cpp as llama_cpp_check
 from checkpoint import save_checkpoint
 from decode_benchmark import sharpen
 from model import Transformer
-from model_config import ModelConfig
+from model_config import ModelConfig, softmax_scale
 from tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer
 from training import TrainConfig
 

@@ -10,16 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 import test as script  # the repo's test.py (pytest.ini puts the repo first on sys.path)
 import train
-from attention import GroupedQueryAttention, MultiHeadLatentAttention, rope_tables, softmax_scale
-from checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
+from attention import GroupedQueryAttention, MultiHeadLatentAttention, rope_tables
+from checkpoint import (
+    load_checkpoint,
+    load_weights,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from cli import CLIError
 from model import Transformer
-from model_config import ModelConfig
+from model_config import ModelConfig, softmax_scale
 from training import TrainConfig, check_start
-from conftest import REPO
 
 TINY = ModelConfig.from_preset("tiny", vocab_size=128)
 
